@@ -1,0 +1,14 @@
+"""Benchmark video outpainting: PSNR, SSIM, LPIPS, FVD. (placeholder entry point: filled in by its issue)."""
+import argparse
+import sys
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Benchmark video outpainting: PSNR, SSIM, LPIPS, FVD.")
+    p.parse_args(argv)
+    print("error: not implemented yet", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,14 @@
+"""Train or fine-tune the M3DDM+ UNet. (placeholder entry point: filled in by its issue)."""
+import argparse
+import sys
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Train or fine-tune the M3DDM+ UNet.")
+    p.parse_args(argv)
+    print("error: not implemented yet", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
