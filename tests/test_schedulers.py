@@ -1,0 +1,184 @@
+"""Schedulers: timesteps and step outputs against diffusers, and against the sampler fixture (no diffusers)."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import FIXTURES, require_diffusers
+from m3ddm.schedulers import DDIMScheduler, PNDMScheduler, add_noise, alphas_cumprod, leading_timesteps
+
+SD15 = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+            set_alpha_to_one=False, steps_offset=1)
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.fixture(scope="module")
+def sampler_json():
+    return json.loads((FIXTURES / "clip_sampler_tiny.json").read_text())
+
+
+# ---------------------------------------------------------------- diffusers-free checks
+
+def test_pndm_timesteps_and_alphas_match_fixture(sampler_json):
+    s = PNDMScheduler(50)
+    assert s.timesteps.tolist() == sampler_json["pndm_timesteps_all"]
+    assert s.timesteps.dtype == torch.long and len(s.timesteps) == 51
+    start = s.start_index(1.0)
+    assert start == 1 and s.timesteps[start:].tolist() == sampler_json["cases"]["case1"]["step_timesteps"]
+    ac = alphas_cumprod()
+    assert ac.dtype == torch.float32 and ac.shape == (1000,)
+    for t, v in sampler_json["alphas_cumprod"].items():
+        assert ac[int(t)].item() == v  # float32 -> Python float is exact, so equality is the right check
+
+
+def test_start_index_general_strength():
+    s = PNDMScheduler(50)
+    # init = min(int(50 s) + 1, 50); loop timesteps[51 - init:]
+    assert s.start_index(0.5) == 51 - 26
+    assert s.start_index(0.99) == 51 - 50
+
+
+def test_x_T_and_first_pndm_step_match_fixture():
+    t = load_file(str(FIXTURES / "clip_sampler_tiny.safetensors"))
+    ac = alphas_cumprod()
+    x_T = add_noise(t["intermediate.X0_init_latents"], t["inputs.noise"], 961, ac)
+    assert torch.equal(x_T, t["intermediate.x_T"])
+    for case in ("case1", "case2"):
+        s = PNDMScheduler(50)
+        x1 = s.step(t[f"{case}.guided_eps_step0"], 961, t["intermediate.x_T"])
+        ref = t[f"{case}.latents_after_steps_0to3"][0]
+        assert rel_err(x1, ref) <= 1e-6
+
+
+def test_add_noise_per_item_timesteps():
+    g = torch.Generator().manual_seed(1)
+    x0, n = torch.randn(3, 4, 2, 2, generator=g), torch.randn(3, 4, 2, 2, generator=g)
+    ac = alphas_cumprod()
+    out = add_noise(x0, n, torch.tensor([0, 500, 999]), ac)
+    for i, t in enumerate([0, 500, 999]):
+        torch.testing.assert_close(out[i], ac[t].sqrt() * x0[i] + (1 - ac[t]).sqrt() * n[i], rtol=1e-6, atol=1e-7)
+
+
+def test_pndm_redo_step_by_hand():
+    """The second call goes 981 -> 961 from the saved first sample with eps = mean of the first two."""
+    s, ac = PNDMScheduler(50), alphas_cumprod()
+    g = torch.Generator().manual_seed(2)
+    x0, e0, e1 = (torch.randn(5, generator=g, dtype=torch.float64) for _ in range(3))
+    s.alphas_cumprod = ac.double()
+    s.final_alpha_cumprod = s.alphas_cumprod[0]
+    s.step(e0, 961, x0)
+    x = s.step(e1, 961, torch.zeros(5, dtype=torch.float64))  # the sample passed in is ignored on the redo
+    a, ap, e = ac[981].double(), ac[961].double(), (e0 + e1) / 2
+    expect = (ap / a).sqrt() * x0 - (ap - a) * e / (a * (1 - ap).sqrt() + (a * (1 - a) * ap).sqrt())
+    torch.testing.assert_close(x, expect, rtol=1e-12, atol=0)
+
+
+def test_ddim_eta0_recovers_x0_exactly_with_true_eps():
+    """With the true noise as eps, DDIM eta 0 lands on sqrt(a_prev) x0 + sqrt(1 - a_prev) eps."""
+    s, ac = DDIMScheduler(10), alphas_cumprod().double()
+    s.alphas_cumprod, s.final_alpha_cumprod = ac, ac[0]
+    g = torch.Generator().manual_seed(3)
+    x0, eps = torch.randn(6, generator=g, dtype=torch.float64), torch.randn(6, generator=g, dtype=torch.float64)
+    xt = ac[901].sqrt() * x0 + (1 - ac[901]).sqrt() * eps
+    torch.testing.assert_close(s.step(eps, 901, xt), ac[801].sqrt() * x0 + (1 - ac[801]).sqrt() * eps)
+
+
+# ---------------------------------------------------------------- bad input
+
+def test_bad_step_counts_raise():
+    for bad in (0, -3, 1001, 2.5, "50", True):
+        with pytest.raises(ValueError, match=f"received {bad!r}"):
+            PNDMScheduler(bad)
+        with pytest.raises(ValueError, match=f"received {bad!r}"):
+            DDIMScheduler(bad)
+    with pytest.raises(ValueError, match=r"\[1, 1000\]"):
+        leading_timesteps(0)
+
+
+def test_bad_step_inputs_raise():
+    for s in (PNDMScheduler(10), DDIMScheduler(10)):
+        x = torch.zeros(1, 4, 2, 2)
+        with pytest.raises(ValueError, match=r"\(1, 4, 2, 2\) and \(1, 4, 3, 3\)"):
+            s.step(x, 901, torch.zeros(1, 4, 3, 3))
+        with pytest.raises(ValueError, match="torch.int64"):
+            s.step(x.long(), 901, x.long())
+        with pytest.raises(ValueError, match=r"\[0, 999\], received 1000"):
+            s.step(x, 1000, x)
+    with pytest.raises(ValueError, match="received -0.5"):
+        DDIMScheduler(10, eta=-0.5)
+    with pytest.raises(ValueError, match="received 0"):
+        PNDMScheduler(10).start_index(0)
+
+
+def test_bad_add_noise_raises():
+    ac = alphas_cumprod()
+    x = torch.zeros(2, 4, 2, 2)
+    with pytest.raises(ValueError, match=r"\(2, 4, 2, 2\).*received \(2, 4, 3, 3\)"):
+        add_noise(x, torch.zeros(2, 4, 3, 3), 10, ac)
+    with pytest.raises(ValueError, match="1 or 2 timesteps.*received 3"):
+        add_noise(x, x, torch.tensor([1, 2, 3]), ac)
+    with pytest.raises(ValueError, match=r"\[0, 999\], received \[1000\]"):
+        add_noise(x, x, 1000, ac)
+
+
+# ---------------------------------------------------------------- diffusers parity
+
+@pytest.mark.parametrize("n", [10, 25, 50])
+def test_timesteps_match_diffusers(n):
+    d = require_diffusers()
+    p = d.PNDMScheduler(skip_prk_steps=True, **SD15)
+    p.set_timesteps(n)
+    assert torch.equal(PNDMScheduler(n).timesteps, p.timesteps)
+    q = d.DDIMScheduler(clip_sample=False, **SD15)
+    q.set_timesteps(n)
+    assert torch.equal(DDIMScheduler(n).timesteps, q.timesteps)
+    r = d.DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    r.set_timesteps(n)
+    assert torch.equal(leading_timesteps(n, steps_offset=0).flip(0), r.timesteps)
+    assert torch.equal(alphas_cumprod(), r.alphas_cumprod) and torch.equal(alphas_cumprod(), p.alphas_cumprod)
+
+
+def test_add_noise_matches_ddpm():
+    d = require_diffusers()
+    r = d.DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    g = torch.Generator().manual_seed(4)
+    x0, n = torch.randn(3, 4, 2, 5, 5, generator=g), torch.randn(3, 4, 2, 5, 5, generator=g)
+    t = torch.tensor([1, 480, 961])
+    assert rel_err(add_noise(x0, n, t, alphas_cumprod()), r.add_noise(x0, n, t)) <= 1e-6
+
+
+@pytest.mark.parametrize("n, start", [(50, 1), (50, 0), (25, 0), (10, 0)])
+def test_pndm_steps_match_diffusers(n, start):
+    d = require_diffusers()
+    ref = d.PNDMScheduler(skip_prk_steps=True, **SD15)
+    ref.set_timesteps(n)
+    ours = PNDMScheduler(n)
+    g = torch.Generator().manual_seed(n + start)
+    x = torch.randn(2, 4, 3, 5, 5, generator=g)
+    x_ref = x.clone()
+    for i, t in enumerate(ours.timesteps[start:]):
+        eps = torch.randn(x.shape, generator=g)
+        x, x_ref = ours.step(eps, t, x), ref.step(eps, t, x_ref).prev_sample
+        assert rel_err(x, x_ref) <= 1e-6, f"step {i} (t={int(t)})"
+    assert i + 1 == len(ours.timesteps) - start
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.6])
+def test_ddim_steps_match_diffusers(eta):
+    d = require_diffusers()
+    ref = d.DDIMScheduler(clip_sample=False, **SD15)
+    ref.set_timesteps(50)
+    ours = DDIMScheduler(50, eta=eta)
+    g = torch.Generator().manual_seed(7)
+    g_ours, g_ref = torch.Generator().manual_seed(8), torch.Generator().manual_seed(8)
+    x = torch.randn(2, 4, 3, 5, 5, generator=g)
+    x_ref = x.clone()
+    for t in ours.timesteps:
+        eps = torch.randn(x.shape, generator=g)
+        x = ours.step(eps, t, x, generator=g_ours)
+        x_ref = ref.step(eps, t, x_ref, eta=eta, generator=g_ref).prev_sample
+        assert rel_err(x, x_ref) <= 1e-6, f"t={int(t)}"
