@@ -1,0 +1,167 @@
+"""m3ddm.weights: the file format, strict loading, and the key maps on full-size models (meta tensors only)."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import FIXTURES
+from m3ddm import weights as W
+from m3ddm.errors import UserError
+from m3ddm.unet3d import UNet3D, UNet3DConfig
+from m3ddm.vae import AutoencoderKL, VAEConfig
+
+KEYS = FIXTURES / "keys"
+
+
+def manifest(name, prefix=""):
+    """{key: meta tensor} of a key manifest: full-size shapes at no memory cost."""
+    shapes = json.loads((KEYS / name).read_text())
+    return {prefix + k: torch.empty(s, device="meta", dtype=torch.int64 if k.endswith("num_batches_tracked")
+                                    else torch.float32) for k, s in shapes.items()}
+
+
+def shapes(sd):
+    return {k: tuple(v.shape) for k, v in sd.items()}
+
+
+@pytest.fixture(scope="module")
+def meta_unet():
+    with torch.device("meta"):
+        return UNet3D(UNet3DConfig())
+
+
+@pytest.fixture(scope="module")
+def meta_vae():
+    with torch.device("meta"):
+        return AutoencoderKL(VAEConfig())
+
+
+# ---------------------------------------------------------------------------------------------------
+# format
+
+def small_state():
+    return {"a.weight": torch.randn(3, 2, generator=torch.Generator().manual_seed(0)),
+            "bn.num_batches_tracked": torch.tensor(7, dtype=torch.int64)}
+
+
+def test_save_read_header_round_trip(tmp_path):
+    path = tmp_path / "m.safetensors"
+    cfg = VAEConfig(block_out_channels=(16, 32), norm_num_groups=8)
+    sha = W.save_model(path, small_state(), "vae", cfg, dtype=torch.bfloat16,
+                       metadata={"sources": [{"name": "x.bin", "sha256": "ab"}], "note": "hi"})
+    assert sha == W.sha256_file(path) and len(sha) == 64
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temporary left behind
+    kind, config, meta = W.read_header(path)
+    assert kind == "vae" and config["block_out_channels"] == [16, 32] and config["norm_num_groups"] == 8
+    assert meta["format"] == "m3ddm" and meta["format_version"] == "1" and meta["note"] == "hi"
+    assert json.loads(meta["sources"]) == [{"name": "x.bin", "sha256": "ab"}]
+    from safetensors.torch import load_file
+    back = load_file(str(path))
+    assert back["a.weight"].dtype == torch.bfloat16  # floats cast
+    assert back["bn.num_batches_tracked"].dtype == torch.int64 and back["bn.num_batches_tracked"].item() == 7
+    assert W.make_config(VAEConfig, config) == cfg
+
+
+def test_read_header_rejects_bad_files(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        W.read_header(tmp_path / "nope.safetensors")
+    text = tmp_path / "t.safetensors"
+    text.write_text("just some text, long enough to look like a header length\n")
+    with pytest.raises(UserError, match="not a safetensors file"):
+        W.read_header(text)
+    plain = tmp_path / "plain.safetensors"
+    save_file(small_state(), str(plain))
+    with pytest.raises(UserError, match="not an m3ddm weights file"):
+        W.read_header(plain)
+    good = tmp_path / "good.safetensors"
+    W.save_model(good, small_state(), "unet", {"x": 1})
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(good.read_bytes()[:-5])
+    with pytest.raises(UserError, match="truncated"):
+        W.read_header(cut)
+
+
+def test_strict_load_report_names_every_problem():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+    good = {k: v.clone() for k, v in model.state_dict().items()}
+    W.strict_load(model, good)
+    bad = dict(good)
+    del bad["0.bias"]
+    bad["2.weight"] = torch.zeros(1)
+    bad["1.weight"] = torch.zeros(1, 4)
+    with pytest.raises(UserError) as e:
+        W.strict_load(model, bad, "x.safetensors")
+    msg = str(e.value)
+    assert "1 missing (0.bias)" in msg and "1 unexpected (2.weight)" in msg
+    assert "1.weight is (1, 4) but the model needs (1, 3)" in msg and "\n" not in msg
+
+
+def test_loaders_check_kind(tmp_path):
+    path = tmp_path / "v.safetensors"
+    W.save_model(path, small_state(), "vae", VAEConfig())
+    with pytest.raises(UserError, match="holds a vae, not a unet"):
+        W.load_unet(path)
+
+
+def test_load_vae_gives_trainable_eval_model(tmp_path):
+    from safetensors.torch import load_file
+    sd = load_file(str(FIXTURES / "vae_tiny" / "diffusion_pytorch_model.safetensors"))
+    path = tmp_path / "v.safetensors"
+    W.save_model(path, sd, "vae", VAEConfig(block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8))
+    vae = W.load_vae(path)
+    assert not vae.training and all(p.requires_grad and p.dtype == torch.float32 for p in vae.parameters())
+    assert all(torch.equal(v, sd[k]) for k, v in vae.state_dict().items())
+    assert {p.dtype for p in W.load_vae(path, dtype=torch.bfloat16).parameters()} == {torch.bfloat16}
+
+
+# ---------------------------------------------------------------------------------------------------
+# key maps at full size
+
+def test_full_unet_lightning_map_and_inference(meta_unet):
+    sd = manifest("m3ddm_unet_keys.json", prefix=W.LIGHTNING_UNET_PREFIX)
+    sd["model.vae.encoder.conv_in.weight"] = torch.empty(128, 3, 3, 3, device="meta")  # must be dropped
+    mapped = W.unet_state_dict(sd)
+    assert len(mapped) == 1516
+    assert W.mismatch_report(meta_unet.state_dict(), mapped) == ""
+    assert shapes(mapped) == shapes(meta_unet.state_dict())
+    inferred = W.make_config(UNet3DConfig, W.infer_unet_config(mapped))
+    assert inferred == UNet3DConfig()  # the released config, from shapes + documented defaults
+    released = json.loads((KEYS / "m3ddm_unet_config.json").read_text())
+    assert W.make_config(UNet3DConfig, released, strict=False) == UNet3DConfig()
+    assert W.unet_state_dict(manifest("m3ddm_unet_keys.json")).keys() == mapped.keys()  # bare: identity
+
+
+def test_full_sd15_vae_diffusers_and_old_attention_names(meta_vae):
+    sd = manifest("sd15_vae_diffusers_keys.json")
+    assert shapes(W.vae_state_dict(sd)) == shapes(meta_vae.state_dict())
+    old = {k.replace("attentions.0.to_q.", "attentions.0.query.").replace("attentions.0.to_k.", "attentions.0.key.")
+           .replace("attentions.0.to_v.", "attentions.0.value.").replace("attentions.0.to_out.0.", "attentions.0.proj_attn."): v
+           for k, v in sd.items()}
+    assert old.keys() != sd.keys()
+    assert shapes(W.vae_state_dict(old)) == shapes(meta_vae.state_dict())
+    assert W.make_config(VAEConfig, W.infer_vae_config(sd)) == VAEConfig()
+
+
+def test_full_sd15_single_file_map(meta_vae):
+    ldm = manifest("sd15_vae_ldm_keys.json")
+    assert len(ldm) == 248
+    whole = dict(ldm)  # a whole SD checkpoint: the 2D UNet and the text encoder must be ignored
+    whole["model.diffusion_model.input_blocks.0.0.weight"] = torch.empty(320, 4, 3, 3, device="meta")
+    whole["cond_stage_model.transformer.text_model.final_layer_norm.weight"] = torch.empty(768, device="meta")
+    mapped = W.vae_state_dict(whole)
+    assert len(mapped) == 248  # every key mapped, none left over
+    assert W.mismatch_report(meta_vae.state_dict(), mapped) == ""
+    assert shapes(mapped) == shapes(meta_vae.state_dict())
+    expect = json.loads((KEYS / "sd15_vae_diffusers_keys.json").read_text())
+    assert {k: list(v) for k, v in shapes(mapped).items()} == expect
+    assert W.vae_key_from_ldm("decoder.up.0.block.2.nin_shortcut.weight", 4) == \
+        "decoder.up_blocks.3.resnets.2.conv_shortcut.weight"
+
+
+def test_vae_tiny_ldm_map_is_bit_exact():
+    from safetensors.torch import load_file
+    ref = load_file(str(FIXTURES / "vae_tiny" / "diffusion_pytorch_model.safetensors"))
+    mapped = W.vae_state_dict(load_file(str(FIXTURES / "vae_tiny_ldm.safetensors")))
+    assert mapped.keys() == ref.keys()
+    assert all(torch.equal(mapped[k], ref[k]) for k in ref)
