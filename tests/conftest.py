@@ -11,6 +11,8 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 VIDEO_CACHE = Path(os.environ.get("M3DDM_VIDEO_CACHE", Path.home() / ".cache" / "m3ddm" / "real_videos"))
 
 torch.manual_seed(0)
+if not os.environ.get("CI"):
+    torch.set_num_threads(1)  # a shared dev machine: threads only fight each other
 
 
 @pytest.fixture(scope="session")
