@@ -340,6 +340,9 @@ class VideoWriter:
         result = self._tmp
         if self.audio_from is not None:
             result = self._mux_audio()
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(result, 0o666 & ~umask)  # mkstemp creates 0600; give the output the usual permissions
         os.replace(result, self.path)
         return self.path
 
