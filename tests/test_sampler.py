@@ -1,0 +1,187 @@
+"""Per-clip sampler: parity with the reference fixture (clip_sampler_tiny), branch logic, plain vs fast."""
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import FIXTURES
+from m3ddm.sampler import (ClipConditioning, assemble_conditioning, clip_noise, combine_guidance,
+                           denoise_clip, encode_global_context, guidance_branches, latent_mask,
+                           sampling_timesteps)
+from m3ddm.schedulers import DDIMScheduler, PNDMScheduler
+
+torch.set_grad_enabled(False)
+
+
+@pytest.fixture(scope="module")
+def fx():
+    return load_file(str(FIXTURES / "clip_sampler_tiny.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def models():
+    from m3ddm.unet3d import UNET_PRESETS, UNet3D
+    from m3ddm.vae import VAE_PRESETS, AutoencoderKL
+    unet = UNet3D(UNET_PRESETS["tiny"]).eval()
+    unet.load_state_dict(load_file(str(FIXTURES / "unet3d_tiny" / "diffusion_pytorch_model.safetensors")), strict=True)
+    vae = AutoencoderKL(VAE_PRESETS["tiny"]).eval()
+    vae.load_state_dict(load_file(str(FIXTURES / "vae_tiny" / "diffusion_pytorch_model.safetensors")), strict=True)
+    return unet, vae
+
+
+def rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def clip_inputs(fx, vae):
+    """The reference's per-clip encode (posterior mean, patch P1) and conditioning, from the fixture pixels."""
+    init = fx["inputs.init_px"].permute(1, 0, 2, 3)                   # (16, 3, 128, 128)
+    masked = fx["inputs.masked_px"].permute(1, 0, 2, 3)
+    black = torch.full((1, 3, 128, 128), -1.0)
+    x0 = vae.encode_latents(init).permute(1, 0, 2, 3)[None]          # (1, 4, 16, 16, 16)
+    c = vae.encode_latents(masked).permute(1, 0, 2, 3)[None]
+    u = vae.encode_latents(black)                                     # (1, 4, 16, 16)
+    gl = vae.encode_latents(fx["inputs.global_px"])                   # (4, 4, 16, 16)
+    guides = [None] * 16
+    for pos, lat in zip(fx["inputs.guide_positions"].tolist(), fx["inputs.guide_latents"]):
+        guides[pos] = lat
+    cond = assemble_conditioning(c, u, latent_mask(fx["inputs.pix_mask"][0, 0]), guides)
+    return x0, c, u, gl, cond
+
+
+def test_conditioning_matches_reference(fx, models):
+    _, vae = models
+    x0, c, u, gl, cond = clip_inputs(fx, vae)
+    for ours, name in [(x0, "X0_init_latents"), (c, "C_masked_latents_before_guides"), (u, "U_black_latent"),
+                       (gl, "global_latents"), (cond.cond_latents, "cond_latents_cond_branch"),
+                       (cond.uncond_latents, "cond_latents_uncond_branch")]:
+        ref = fx["intermediate." + name]
+        assert ours.shape == ref.shape, name
+        assert rel(ours, ref) < 1e-5, (name, rel(ours, ref))
+    assert torch.equal(cond.cond_mask, fx["intermediate.mask_cond_branch"])
+    assert torch.equal(cond.uncond_mask, fx["intermediate.mask_uncond_branch"])
+    assert torch.equal(clip_noise(6, (1, 4, 16, 16, 16)), fx["inputs.noise"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case,gg", [("case1", 4.0), ("case2", 1.0)])
+def test_clip_parity_with_reference(fx, models, case, gg):
+    """50 PNDM steps from the fixture's inputs reproduce the reference's final latents and images."""
+    unet, vae = models
+    x0, _, _, gl, cond = clip_inputs(fx, vae)
+    ctx = encode_global_context(unet, gl)
+    trace = {}
+
+    def on_step(i, t, out, eps, x):
+        if i == 0:
+            trace["out"], trace["eps"] = out, eps
+        if i < 4:
+            trace.setdefault("steps", []).append(x)
+
+    sched = PNDMScheduler(50)
+    assert sampling_timesteps(sched)[0] == 961
+    final = denoise_clip(unet, sched, x0, fx["inputs.noise"], cond, ctx, fps=6.0,
+                         guidance_local=2.0, guidance_global=gg, on_step=on_step)
+    ref_out = fx[f"{case}.unet_out_step0"]
+    rows = [0, 1, 3] if gg > 1 else [0, 1]       # our branches uu, cu, cc / uu, cc; the reference's uc unused
+    assert rel(trace["out"], ref_out[rows]) < 1e-4
+    assert rel(trace["eps"], fx[f"{case}.guided_eps_step0"]) < 1e-4
+    for i in range(4):
+        assert rel(trace["steps"][i], fx[f"{case}.latents_after_steps_0to3"][i]) < 1e-4, i
+    ref = fx[f"{case}.final_latents"]
+    err = (final - ref).abs().max().item()
+    print(f"{case}: final latents max abs err {err:.3g} ({err / ref.abs().max().item():.3g} of max|ref|)")
+    assert err <= 1e-4 * ref.abs().max().item()
+    images = (vae.decode_latents(final[0].permute(1, 0, 2, 3)) + 1) / 2   # (16, 3, 128, 128) in [0, 1]
+    ref_img = fx[f"{case}.decoded_images"].permute(0, 3, 1, 2)
+    err_img = (images - ref_img).abs().max().item()
+    print(f"{case}: decoded images max abs err {err_img:.3g}")
+    assert err_img <= 1e-4 * ref_img.abs().max().item()
+
+
+class _Stop(Exception):
+    pass
+
+
+def _step0(unet, x0, noise, cond, ctx, gg, plain):
+    """UNet output and guided eps of the first PNDM(50) step only (the loop is aborted after it)."""
+    got = {}
+
+    def on_step(i, t, out, eps, x):
+        got.update(out=out, eps=eps, t=t)
+        raise _Stop
+
+    with pytest.raises(_Stop):
+        denoise_clip(unet, PNDMScheduler(50), x0, noise, cond, ctx, fps=6.0, guidance_local=2.0,
+                     guidance_global=gg, plain=plain, on_step=on_step)
+    assert got["t"] == 961
+    return got
+
+
+def test_step0_fast_and_plain_match_reference(fx, models):
+    """Step 0 of case1: the fast path (3 branches, tokens once, SDPA) and the plain reference-shaped path
+    (4 branches incl. the unused uc, global latents re-encoded, math attention, per-frame K/V) both match
+    the reference's UNet output and guided eps; the 3-branch eps equals the 4-branch formula to 1e-5."""
+    unet, vae = models
+    x0, _, _, gl, cond = clip_inputs(fx, vae)
+    ctx = encode_global_context(unet, gl)
+    fast = _step0(unet, x0, fx["inputs.noise"], cond, ctx, 4.0, plain=False)
+    unet.set_attention("math", per_frame_context=True)
+    try:
+        plain = _step0(unet, x0, fx["inputs.noise"], cond, ctx, 4.0, plain=True)
+    finally:
+        unet.set_attention("sdpa", per_frame_context=False)
+    ref_out, ref_eps = fx["case1.unet_out_step0"], fx["case1.guided_eps_step0"]
+    assert fast["out"].shape[0] == 3 and plain["out"].shape[0] == 4
+    assert rel(fast["out"], ref_out[[0, 1, 3]]) < 1e-4
+    assert rel(plain["out"], ref_out) < 1e-4
+    assert rel(fast["eps"], ref_eps) < 1e-4 and rel(plain["eps"], ref_eps) < 1e-4
+    print(f"step0 eps: fast vs plain {rel(fast['eps'], plain['eps']):.2e} relative")
+    assert rel(fast["eps"], plain["eps"]) < 1e-5
+
+
+def test_guidance_branch_selection():
+    e = {k: torch.randn(2, 3, dtype=torch.float64) for k in ("uu", "cu", "uc", "cc")}
+    ref4 = e["uu"] + 2 * (e["cu"] - e["uu"]) + 4 * (e["cc"] - e["cu"])
+    assert guidance_branches(2, 4, True) == ("uu", "cu", "cc")
+    assert torch.allclose(combine_guidance({k: e[k] for k in ("uu", "cu", "cc")}, 2, 4), ref4)
+    assert torch.allclose(combine_guidance(e, 2, 4), ref4)                 # e_uc is ignored
+    # reference two-way batch when guidance_global <= 1: u + gl (c - u), c = cond local AND cond global
+    assert guidance_branches(2, 1, True) == ("uu", "cc")
+    assert torch.allclose(combine_guidance({"uu": e["uu"], "cc": e["cc"]}, 2, 1), e["uu"] + 2 * (e["cc"] - e["uu"]))
+    # no global frames: cc == cu, so the global term vanishes
+    assert guidance_branches(2, 4, False) == ("uu", "cu")
+    assert torch.allclose(combine_guidance({"uu": e["uu"], "cu": e["cu"]}, 2, 4), e["uu"] + 2 * (e["cu"] - e["uu"]))
+    # guidance_local 1: uu cancels out
+    assert guidance_branches(1, 4, True) == ("cu", "cc")
+    full = e["uu"] + 1 * (e["cu"] - e["uu"]) + 4 * (e["cc"] - e["cu"])
+    assert torch.allclose(combine_guidance({"cu": e["cu"], "cc": e["cc"]}, 1, 4), full)
+    assert guidance_branches(1, 1, True) == ("cc",)
+
+
+def test_conditioning_guides_and_mask():
+    masked = torch.randn(1, 4, 16, 2, 3)
+    black = torch.randn(1, 4, 2, 3)
+    mask = torch.tensor([[1.0, 0.0, 1.0], [1.0, 0.0, 1.0]])
+    g = torch.randn(1, 4, 2, 3)
+    cond = assemble_conditioning(masked, black, mask, [g] + [None] * 14 + [g])
+    assert isinstance(cond, ClipConditioning)
+    for t in (cond.cond_latents, cond.uncond_latents):
+        assert torch.equal(t[:, :, 0], g) and torch.equal(t[:, :, 15], g)
+    assert torch.equal(cond.cond_latents[:, :, 1:15], masked[:, :, 1:15])
+    assert torch.equal(cond.uncond_latents[:, :, 7], black)
+    assert cond.cond_mask[:, :, 0].sum() == 0 and cond.uncond_mask[:, :, 15].sum() == 0
+    assert torch.equal(cond.cond_mask[0, 0, 3], mask) and cond.uncond_mask[0, 0, 3].min() == 1
+    with pytest.raises(ValueError):
+        assemble_conditioning(masked, black, mask, [None] * 15)
+    pix = torch.zeros(16, 24)
+    pix[:, :8] = 1
+    pix[0, 8] = 1                          # only the top-left pixel of each 8x8 cell counts
+    assert torch.equal(latent_mask(pix), torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]]))
+
+
+def test_ddim_runs_all_timesteps():
+    s = DDIMScheduler(4)
+    start, loop = sampling_timesteps(s)
+    assert start == loop[0] and len(loop) == 4
+    start, loop = sampling_timesteps(PNDMScheduler(50))
+    assert (start, loop[:3], len(loop)) == (961, [961, 961, 941], 50)
