@@ -29,7 +29,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from . import __version__
+from .version import __version__
 from .canvas import (CanvasGeometry, border_fill, canvas_geometry, composite_full_res, crop, frames_to_canvas,
                      frames_to_tensor, from_model, full_res_layout, global_frames_to_model, needs_outpainting,
                      paste_known, pixel_mask, ratio_label, tensor_to_frames, to_model)
