@@ -10,7 +10,7 @@ Geometry (reference arithmetic, one fix):
 - FIX: the canvas side is always exactly S, a multiple of 64. The reference recomputes the side from
   truncated sizes and gets 255/254 (511/510) for "2:3", "21:9", 854x480 -> "3:4", ..., then crashes.
 - Mask: 1 = generate (the border), 0 = keep (the frame). Latent mask: nearest downsample by 8 (the
-  top-left pixel of each 8x8 cell), as F.interpolate(mode="nearest").
+  top-left pixel of each 8x8 cell), as F.interpolate(mode="nearest"): `masks.latent_mask`.
 - Output crop per ratio a:b: centred on the canvas, the largest a:b rectangle (w = int(S*a/b) when
   a < b, else h = int(S*b/a)), as the reference; FIX: an odd size is rounded UP to even for H.264
   (the crop still contains the whole frame; it only differs from the reference for "21:9"-like ratios).
@@ -171,14 +171,6 @@ def pixel_mask(geom: CanvasGeometry, device=None, dtype=torch.float32) -> torch.
     y0, x0, h, w = geom.frame_box
     mask[y0:y0 + h, x0:x0 + w] = 0
     return mask
-
-
-def latent_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Nearest downsample by 8 of a (..., S, S) pixel mask: the top-left pixel of each 8x8 cell."""
-    size = (mask.shape[-2] // LATENT_FACTOR, mask.shape[-1] // LATENT_FACTOR)
-    lead = mask.shape[:-2]
-    small = F.interpolate(mask.reshape(1, -1, *mask.shape[-2:]).float(), size=size, mode="nearest")
-    return small.reshape(*lead, *size).to(mask.dtype)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -34,8 +34,9 @@ from .canvas import (CanvasGeometry, border_fill, canvas_geometry, composite_ful
                      frames_to_tensor, from_model, full_res_layout, global_frames_to_model, needs_outpainting,
                      paste_known, pixel_mask, ratio_label, tensor_to_frames, to_model)
 from .errors import UserError
-from .sampler import (assemble_conditioning, clip_noise, denoise_clip, encode_global_context, latent_mask,
+from .sampler import (assemble_conditioning, clip_noise, denoise_clip, encode_global_context,
                       sampler_branches, sampling_timesteps)
+from .masks import latent_mask
 from .schedule import DEFAULT_STRIDES, Schedule, build_schedule, global_frame_indices, unet_fps
 from .schedulers import DDIMScheduler, PNDMScheduler
 

@@ -22,16 +22,6 @@ from .schedulers import PNDMScheduler, add_noise, alphas_cumprod
 # Conditioning assembly
 
 
-def latent_mask(pixel_mask: torch.Tensor) -> torch.Tensor:
-    """Pixel mask (..., H, W), 1 = generate -> latent mask (..., H/8, W/8).
-
-    Nearest downsampling as in F.interpolate(mode="nearest"): latent cell (i, j) takes pixel (8i, 8j).
-    """
-    if pixel_mask.shape[-1] % 8 or pixel_mask.shape[-2] % 8:
-        raise ValueError(f"pixel mask sides must be multiples of 8, received {tuple(pixel_mask.shape[-2:])}")
-    return pixel_mask[..., ::8, ::8]
-
-
 @dataclass
 class ClipConditioning:
     """Conditioning channels of both local branches, each (1, 4, F, h, w) latents + (1, 1, F, h, w) mask."""

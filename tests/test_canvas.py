@@ -8,9 +8,10 @@ import torch
 from conftest import FIXTURES
 from m3ddm.canvas import (border_fill, canvas_geometry, composite_full_res, crop, frames_to_canvas,
                           frames_to_tensor, from_model, full_res_layout, global_frames_to_model,
-                          latent_mask, needs_outpainting, parse_ratios, paste_known, pixel_mask,
+                          needs_outpainting, parse_ratios, paste_known, pixel_mask,
                           tensor_to_frames, to_model)
 from m3ddm.errors import UserError
+from m3ddm.masks import latent_mask
 
 CASES = json.loads((FIXTURES / "canvas_geometry.json").read_text())["cases"]
 

@@ -5,8 +5,9 @@ from safetensors.torch import load_file
 
 from conftest import FIXTURES
 from m3ddm.sampler import (ClipConditioning, assemble_conditioning, clip_noise, combine_guidance,
-                           denoise_clip, encode_global_context, guidance_branches, latent_mask,
+                           denoise_clip, encode_global_context, guidance_branches,
                            sampling_timesteps)
+from m3ddm.masks import latent_mask
 from m3ddm.schedulers import DDIMScheduler, PNDMScheduler
 
 torch.set_grad_enabled(False)
