@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import shutil
+import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -571,7 +572,11 @@ def parse_args(argv=None):
     a("--sample-every", type=int, default=0,
       help="outpaint one fixed clip every N steps into OUT/samples/ (0 = off); --target unet only")
     a("--sample-steps", type=int, default=25, help="PNDM steps of those samples (default 25)")
-    a("--eval-videos", help="NOT IMPLEMENTED: in-training evaluation with evaluate.py's protocol")
+    a("--eval-videos", nargs="+", metavar="VIDEO",
+      help="video files or folders: run evaluate.py (--method model, crop ratio 0.25) on them after each "
+           "checkpoint into OUT/eval/step-N/ and log its PSNR/SSIM to metrics.jsonl; --target unet only")
+    a("--eval-steps", type=int, default=25, help="sampler steps of that evaluation (default 25)")
+    a("--eval-frames", type=int, default=16, help="first N frames of each evaluation video (default 16)")
     args = p.parse_args(argv)
     return args
 
@@ -588,8 +593,14 @@ def check_args(args):
     if args.global_frames < 0 or args.num_workers < 0:
         raise UserError("--global-frames and --num-workers must not be negative; give 0 or more.")
     if args.eval_videos:
-        raise UserError("--eval-videos is not implemented yet in train.py; run evaluate.py on a saved "
-                        "unet.safetensors instead.")
+        if args.target != "unet":
+            raise UserError("--eval-videos evaluates an outpainting UNet; it needs --target unet.")
+        for v in map(Path, args.eval_videos):
+            if not v.exists() or v.is_dir() and not any(q.suffix.lower() in VIDEO_EXTENSIONS for q in v.iterdir()):
+                raise UserError(f"--eval-videos {v} {'holds no videos' if v.exists() else 'does not exist'}; "
+                                "give video files or folders of videos (not searched recursively).")
+        if args.eval_steps < 1 or args.eval_frames < 2:
+            raise UserError("--eval-steps must be at least 1 and --eval-frames at least 2.")
     if args.target == "unet" and not args.vae:
         raise UserError("--target unet needs --vae FILE (an m3ddm vae file, e.g. `python weights_convert.py vae "
                         "SD15_VAE vae.safetensors`).")
@@ -715,6 +726,33 @@ def write_sample(path, unet, vae, item, args, device):
     unet.train(was_training)
 
 
+EVAL_METRICS = ("psnr", "psnr_band", "ssim", "ssim_band")
+
+
+def run_evaluation(args, unet_file, step, device, log):
+    """evaluate.py on --eval-videos with this checkpoint (a subprocess: no CLI module is imported here).
+    Returns the whole-frame and band PSNR/SSIM averaged over crop ratios, or None after one warning line."""
+    out = Path(args.out) / "eval" / f"step-{step:07d}"
+    cmd = [sys.executable, str(Path(__file__).resolve().parent / "evaluate.py"), *args.eval_videos,
+           "--out", str(out), "--method", "model", "--unet", str(unet_file), "--vae", str(args.vae),
+           "--size", str(args.size), "--frames", str(args.eval_frames), "--steps", str(args.eval_steps),
+           "--crop-ratio", "0.25", "--device", str(device), "--previews", "0"]
+    log.message(f"step {step}: evaluating {unet_file} on {len(args.eval_videos)} --eval-videos input(s)")
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [s.strip() for s in r.stderr.replace("\r", "\n").splitlines() if s.strip()]
+        if r.returncode != 0:
+            raise RuntimeError(f"exit {r.returncode}: {lines[-1] if lines else 'no output'}")
+        average = json.loads((out / "summary.json").read_text())["methods"]["model"]["average"]
+        result = {k: average[k] for k in EVAL_METRICS}
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        log.message(f"warning: evaluation at step {step} failed ({e}); training goes on")
+        return None
+    log.message(f"step {step} evaluation: " + ", ".join(
+        f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
+    return result
+
+
 def train(args):
     check_args(args)
     rank, world, device = setup_distributed(args)
@@ -808,6 +846,10 @@ def train(args):
                   "skipped": sorted(skipped_seen)}
             path = save_checkpoint(out, at_step, model, config, st, ema, args, sources)
             log.message(f"checkpoint {path}")
+            if args.eval_videos and args.target == "unet":
+                result = run_evaluation(args, path / model_filename(args.target), at_step, device, log)
+                if result is not None:
+                    log.record(step=at_step, eval=result)
         if world > 1:
             dist.barrier()
 

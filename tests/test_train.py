@@ -345,3 +345,54 @@ def test_vae_target_trains_and_saves_a_vae(tmp_path, small_videos, one_thread):
     assert read_header(out / "vae.safetensors")[0] == "vae"
     assert vae.config.block_out_channels == (16, 32, 32, 32)
     assert len(losses(out)) == 3 and all(np.isfinite(losses(out)))
+
+
+def test_eval_videos_logs_evaluate_metrics_at_each_checkpoint(tmp_path, small_videos, vae_file, real_videos,
+                                                             one_thread, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # evaluate.py looks for weights/lpips.safetensors here: none, so LPIPS is skipped
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    data = data_dir(tmp_path, small_videos, ["city40.mp4"])
+    evals = tmp_path / "eval_videos"
+    evals.mkdir()
+    os.symlink(real_videos / "pyfeat_single_face.mp4", evals / "face.mp4")
+    out = tmp_path / "out"
+    assert run_train(["--data", data, "--out", out, "--vae", vae_file, *TINY, "--frames", "4", "--max-steps", "2",
+                      "--save-every", "1", "--eval-videos", evals, "--eval-steps", "2"]) == 0
+    records = [json.loads(line) for line in open(out / "metrics.jsonl") if '"eval"' in line]
+    assert [r["step"] for r in records] == [1, 2]  # after each checkpoint, the last one included
+    for r in records:
+        assert sorted(r["eval"]) == ["psnr", "psnr_band", "ssim", "ssim_band"]
+        assert all(isinstance(v, float) and np.isfinite(v) for v in r["eval"].values()), r
+    summary = json.loads((out / "eval" / "step-0000002" / "summary.json").read_text())
+    assert summary["weights"]["unet"] == str(out / "checkpoint-0000002" / "unet.safetensors")
+    assert (out / "eval" / "step-0000001" / "summary.json").is_file()
+
+
+def test_eval_videos_failure_warns_and_training_goes_on(tmp_path, small_videos, vae_file, one_thread, capsys,
+                                                       monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = data_dir(tmp_path, small_videos, ["city40.mp4"])
+    evals = tmp_path / "eval_videos"
+    evals.mkdir()
+    os.symlink(small_videos / "bikes8.mp4", evals / "bikes8.mp4")  # 8 frames < --eval-frames 16: evaluate.py fails
+    out = tmp_path / "out"
+    assert run_train(["--data", data, "--out", out, "--vae", vae_file, *TINY, "--frames", "4", "--max-steps", "1",
+                      "--eval-videos", evals, "--eval-steps", "2"]) == 0
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if "warning: evaluation" in line]
+    assert len(warnings) == 1 and "fewer than --frames 16" in warnings[0], err
+    assert (out / "unet.safetensors").is_file()
+    assert not any('"eval"' in line for line in open(out / "metrics.jsonl"))
+
+
+def test_eval_videos_cli_errors_before_training(tmp_path, small_videos, vae_file, capsys):
+    common = ["--data", str(small_videos), "--out", str(tmp_path / "o"), "--vae", str(vae_file), *TINY]
+    assert T.main([*common, "--eval-videos", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert "error: --eval-videos" in err and "does not exist" in err
+    (tmp_path / "empty").mkdir()
+    assert T.main([*common, "--eval-videos", str(tmp_path / "empty")]) == 2
+    assert "holds no videos" in capsys.readouterr().err
+    assert T.main([*common, "--target", "vae", "--eval-videos", str(small_videos)]) == 2
+    assert "needs --target unet" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # nothing trained, nothing written
