@@ -391,27 +391,18 @@ class VAEObjective:
 # Model set-up, EMA, checkpoints
 
 
-def unet_config_from(arg):
-    if arg in UNET_PRESETS:
-        return UNET_PRESETS[arg]
+def config_from(arg, presets, cls, flag):
+    """A preset name or a JSON file -> a model config (UNet3DConfig or VAEConfig)."""
+    if arg in presets:
+        return presets[arg]
     path = Path(arg)
     if path.suffix != ".json" or not path.is_file():
-        raise UserError(f"--config {arg} is neither a preset ({', '.join(sorted(UNET_PRESETS))}) nor a JSON "
+        raise UserError(f"{flag} {arg} is neither a preset ({', '.join(sorted(presets))}) nor a JSON "
                         "file; give a preset name or an existing .json config.")
     try:
-        return make_config(UNet3DConfig, json.loads(path.read_text()))
+        return make_config(cls, json.loads(path.read_text()))
     except (ValueError, TypeError) as e:
-        raise UserError(f"--config {arg} is not a valid UNet config ({e}); fix the JSON file.") from None
-
-
-def vae_config_from(arg):
-    if arg in VAE_PRESETS:
-        return VAE_PRESETS[arg]
-    path = Path(arg)
-    if path.suffix != ".json" or not path.is_file():
-        raise UserError(f"--vae-config {arg} is neither a preset ({', '.join(VAE_PRESETS)}) nor a JSON file; "
-                        "give a preset name or an existing .json config.")
-    return make_config(VAEConfig, json.loads(path.read_text()))
+        raise UserError(f"{flag} {arg} is not a valid config ({e}); fix the JSON file.") from None
 
 
 class EMA:
@@ -660,7 +651,7 @@ def build_model(args, device, resume_dir):
         else:
             with torch.random.fork_rng(devices=[]):  # a reproducible init without touching the caller's RNG
                 torch.manual_seed(args.seed)
-                model, sources = UNet3D(unet_config_from(args.config)).to(device), []
+                model, sources = UNet3D(config_from(args.config, UNET_PRESETS, UNet3DConfig, "--config")).to(device), []
         model.gradient_checkpointing = args.gradient_checkpointing
         model.set_attention(args.attention)
     else:
@@ -669,7 +660,7 @@ def build_model(args, device, resume_dir):
         else:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(args.seed)
-                model = AutoencoderKL(vae_config_from(args.vae_config)).to(device)
+                model = AutoencoderKL(config_from(args.vae_config, VAE_PRESETS, VAEConfig, "--vae-config")).to(device)
         sources = []
     return model.train(), model.config, sources
 

@@ -44,3 +44,16 @@ def require_diffusers():
             raise
         pytest.skip("PARITY NOT CHECKED: diffusers is not installed (pip install -e '.[test]')")
     return diffusers
+
+
+@pytest.fixture(scope="module")
+def tiny_models():
+    """The reference fixture's tiny UNet and VAE (random weights), loaded strictly, in eval mode."""
+    from safetensors.torch import load_file
+    from m3ddm.unet3d import UNET_PRESETS, UNet3D
+    from m3ddm.vae import VAE_PRESETS, AutoencoderKL
+    unet = UNet3D(UNET_PRESETS["tiny"]).eval()
+    unet.load_state_dict(load_file(str(FIXTURES / "unet3d_tiny" / "diffusion_pytorch_model.safetensors")), strict=True)
+    vae = AutoencoderKL(VAE_PRESETS["tiny"]).eval()
+    vae.load_state_dict(load_file(str(FIXTURES / "vae_tiny" / "diffusion_pytorch_model.safetensors")), strict=True)
+    return unet, vae

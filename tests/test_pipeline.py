@@ -2,26 +2,13 @@
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import FIXTURES
 from m3ddm.canvas import canvas_geometry, frames_to_canvas, frames_to_tensor
 from m3ddm.errors import UserError
 from m3ddm.pipeline import OutpaintOptions, StreamingFrames, outpaint_frames, outpaint_video
-from m3ddm.unet3d import UNET_PRESETS, UNet3D
-from m3ddm.vae import VAE_PRESETS, AutoencoderKL
 from m3ddm.video import probe, read_frames_at
 
 FAST = dict(size=64, scheduler="ddim", steps=1)
-
-
-@pytest.fixture(scope="module")
-def models():
-    unet = UNet3D(UNET_PRESETS["tiny"]).eval()
-    unet.load_state_dict(load_file(str(FIXTURES / "unet3d_tiny" / "diffusion_pytorch_model.safetensors")), strict=True)
-    vae = AutoencoderKL(VAE_PRESETS["tiny"]).eval()
-    vae.load_state_dict(load_file(str(FIXTURES / "vae_tiny" / "diffusion_pytorch_model.safetensors")), strict=True)
-    return unet, vae
 
 
 def synthetic(n, h, w):
@@ -30,9 +17,9 @@ def synthetic(n, h, w):
     return np.clip(v, 0, 255).astype(np.uint8)
 
 
-def test_outpaint_frames_coarse_to_fine(models):
+def test_outpaint_frames_coarse_to_fine(tiny_models):
     """N = 50 runs strides 15, 5, 1; every frame comes out once, the kept region is the source exactly."""
-    unet, vae = models
+    unet, vae = tiny_models
     frames = synthetic(50, 36, 64)                                    # 16:9-ish source -> 1:1
     res = outpaint_frames(frames, unet, vae, ratios=[(1, 1)], fps=30.0,
                           options=OutpaintOptions(global_frames=4, **FAST))
@@ -47,9 +34,9 @@ def test_outpaint_frames_coarse_to_fine(models):
     assert border.std() > 1 and res.mask[:y0].all() and not res.mask[y0:y0 + h].any()
 
 
-def test_outpaint_frames_no_global_limit_and_keep_resolution(models):
+def test_outpaint_frames_no_global_limit_and_keep_resolution(tiny_models):
     """G = 0 (the reference crashes), --limit-frames, the feathered paste and the full-resolution output."""
-    unet, vae = models
+    unet, vae = tiny_models
     frames = synthetic(20, 40, 30)
     opts = OutpaintOptions(global_frames=0, limit_frames=5, keep_resolution=True, feather=3, **FAST)
     res = outpaint_frames(frames, unet, vae, ratios=[(16, 9)], options=opts)
@@ -63,9 +50,9 @@ def test_outpaint_frames_no_global_limit_and_keep_resolution(models):
     assert res.geometry == geom
 
 
-def test_plain_path_and_seeded_vae_sampling(models):
+def test_plain_path_and_seeded_vae_sampling(tiny_models):
     """--plain runs the reference's 4-way batch; --vae-sample is seeded, so two runs are identical."""
-    unet, vae = models
+    unet, vae = tiny_models
     frames = synthetic(6, 36, 64)
     opts = OutpaintOptions(global_frames=2, plain=True, vae_sample=True, **FAST)
     a = outpaint_frames(frames, unet, vae, ratios=[(1, 1)], options=opts)
@@ -76,8 +63,8 @@ def test_plain_path_and_seeded_vae_sampling(models):
     assert not np.array_equal(a.canvas, mean.canvas)
 
 
-def test_outpaint_frames_rejects_bad_frames(models):
-    unet, vae = models
+def test_outpaint_frames_rejects_bad_frames(tiny_models):
+    unet, vae = tiny_models
     with pytest.raises(UserError):
         outpaint_frames(np.zeros((0, 8, 8, 3), np.uint8), unet, vae, options=OutpaintOptions(**FAST))
     with pytest.raises(UserError):
@@ -98,10 +85,10 @@ def test_streaming_frames_serves_any_order(real_videos):
         src.close()
 
 
-def test_failed_run_leaves_no_output(models, real_videos, tmp_path, monkeypatch):
+def test_failed_run_leaves_no_output(tiny_models, real_videos, tmp_path, monkeypatch):
     """A run that dies mid-way leaves nothing under a final name (and no temporary files)."""
     import m3ddm.pipeline as pipeline
-    unet, vae = models
+    unet, vae = tiny_models
     calls = []
 
     def broken(*args, **kwargs):

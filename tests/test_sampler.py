@@ -4,29 +4,23 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import FIXTURES
+from m3ddm.masks import latent_mask
 from m3ddm.sampler import (ClipConditioning, assemble_conditioning, clip_noise, combine_guidance,
                            denoise_clip, encode_global_context, guidance_branches,
                            sampling_timesteps)
-from m3ddm.masks import latent_mask
 from m3ddm.schedulers import DDIMScheduler, PNDMScheduler
 
-torch.set_grad_enabled(False)
+
+@pytest.fixture(autouse=True)
+def no_grad():
+    """Inference only; scoped to each test (a module-level set_grad_enabled would leak into other files)."""
+    with torch.no_grad():
+        yield
 
 
 @pytest.fixture(scope="module")
 def fx():
     return load_file(str(FIXTURES / "clip_sampler_tiny.safetensors"))
-
-
-@pytest.fixture(scope="module")
-def models():
-    from m3ddm.unet3d import UNET_PRESETS, UNet3D
-    from m3ddm.vae import VAE_PRESETS, AutoencoderKL
-    unet = UNet3D(UNET_PRESETS["tiny"]).eval()
-    unet.load_state_dict(load_file(str(FIXTURES / "unet3d_tiny" / "diffusion_pytorch_model.safetensors")), strict=True)
-    vae = AutoencoderKL(VAE_PRESETS["tiny"]).eval()
-    vae.load_state_dict(load_file(str(FIXTURES / "vae_tiny" / "diffusion_pytorch_model.safetensors")), strict=True)
-    return unet, vae
 
 
 def rel(a, b):
@@ -49,8 +43,8 @@ def clip_inputs(fx, vae):
     return x0, c, u, gl, cond
 
 
-def test_conditioning_matches_reference(fx, models):
-    _, vae = models
+def test_conditioning_matches_reference(fx, tiny_models):
+    _, vae = tiny_models
     x0, c, u, gl, cond = clip_inputs(fx, vae)
     for ours, name in [(x0, "X0_init_latents"), (c, "C_masked_latents_before_guides"), (u, "U_black_latent"),
                        (gl, "global_latents"), (cond.cond_latents, "cond_latents_cond_branch"),
@@ -65,9 +59,9 @@ def test_conditioning_matches_reference(fx, models):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case,gg", [("case1", 4.0), ("case2", 1.0)])
-def test_clip_parity_with_reference(fx, models, case, gg):
+def test_clip_parity_with_reference(fx, tiny_models, case, gg):
     """50 PNDM steps from the fixture's inputs reproduce the reference's final latents and images."""
-    unet, vae = models
+    unet, vae = tiny_models
     x0, _, _, gl, cond = clip_inputs(fx, vae)
     ctx = encode_global_context(unet, gl)
     trace = {}
@@ -118,11 +112,11 @@ def _step0(unet, x0, noise, cond, ctx, gg, plain):
     return got
 
 
-def test_step0_fast_and_plain_match_reference(fx, models):
+def test_step0_fast_and_plain_match_reference(fx, tiny_models):
     """Step 0 of case1: the fast path (3 branches, tokens once, SDPA) and the plain reference-shaped path
     (4 branches incl. the unused uc, global latents re-encoded, math attention, per-frame K/V) both match
     the reference's UNet output and guided eps; the 3-branch eps equals the 4-branch formula to 1e-5."""
-    unet, vae = models
+    unet, vae = tiny_models
     x0, _, _, gl, cond = clip_inputs(fx, vae)
     ctx = encode_global_context(unet, gl)
     fast = _step0(unet, x0, fx["inputs.noise"], cond, ctx, 4.0, plain=False)
