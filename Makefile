@@ -23,17 +23,27 @@ install-test: install
 	@$(PYTHON) -c "import pytest, diffusers" 2>/dev/null || $(PIP) -e ".[test]"
 
 # The whole suite, slow tests included (they are marked `slow`; `make test-fast` skips them).
+# OMP_WAIT_POLICY=PASSIVE: libgomp's busy-wait makes 2 threads crawl when a test runs a subprocess beside pytest
 test: install-test
-	$(PYTHON) -m pytest -q -rs
+	OMP_WAIT_POLICY=PASSIVE $(PYTHON) -m pytest -q -rs
 
 test-fast: install-test
-	$(PYTHON) -m pytest -q -rs -m "not slow"
+	OMP_WAIT_POLICY=PASSIVE $(PYTHON) -m pytest -q -rs -m "not slow"
 
 videos:
 	bash tests/fetch_videos.sh $(VIDEO_CACHE)
 
+# `make sample`: the demo model outpaints the bundled 4:3 clip (unseen in training) to 16:9 on the CPU; prints the
+# output video and a preview PNG (ground truth | input | output). SAMPLE_ARGS adds or overrides sample.py options.
+DEMO_CLIP = m3ddm/assets/kivy_city_4x3.mp4
+DEMO_TRUTH = m3ddm/assets/kivy_city_16x9_truth.mp4
+DEMO_SAMPLE_ARGS = --ratio 16:9 --size 128 --scheduler ddim --steps 20 --global-frames 8 --out $(OUT)/sample
+
 sample: install
-	$(PYTHON) sample.py $(SAMPLE_ARGS)
+	@start=$$(date +%s); $(DEMO_ENV) $(PYTHON) sample.py $(DEMO_CLIP) $(DEMO_SAMPLE_ARGS) $(SAMPLE_ARGS) && \
+		echo "sampling took $$(( $$(date +%s) - start )) s" >&2
+	@$(PYTHON) -m m3ddm.demo preview $(DEMO_TRUTH) $(DEMO_CLIP) $(OUT)/sample/kivy_city_4x3_16-9.mp4 \
+		$(OUT)/sample/kivy_city_4x3_truth-input-output.png --width 160
 
 train: install
 	$(PYTHON) train.py --data $(DATA) --out $(OUT)/train $(TRAIN_ARGS)
@@ -47,6 +57,38 @@ bench: install
 convert: install
 	$(PYTHON) weights_convert.py vae $(SD) weights/vae.safetensors
 	$(PYTHON) weights_convert.py unet $(UNET) weights/unet.safetensors
+
+# ---- demo model (m3ddm/assets/demo_*.safetensors): `make demo-weights` retrains it from scratch on the
+# fetched clips (kivy_cityCC0.mpg and opencv_cup.mp4 held out), resumable: rerun it after an interruption.
+DEMO ?= $(OUT)/demo
+DEMO_VAE_STEPS ?= 300
+DEMO_UNET_STEPS ?= 600
+DEMO_DATA_ARGS = --data $(DEMO)/data --num-workers 1 --cache-videos --decode-short-side 144 --seed 0 --log-every 10
+DEMO_VAE_ARGS = --target vae --vae-config demo --out $(DEMO)/vae $(DEMO_DATA_ARGS) --size 128 --frames 2 \
+	--batch-size 4 --max-steps $(DEMO_VAE_STEPS) --lr 5e-4 --warmup-steps 20 --recon-loss l1 --kl-weight 1e-5 \
+	--crop-scale 0.25 1.0 --save-every 50 --keep-checkpoints 2 --val-every 150 --val-clips 4
+DEMO_UNET_ARGS = --target unet --config demo --vae $(DEMO)/vae_scaled.safetensors \
+	--out $(DEMO)/unet $(DEMO_DATA_ARGS) --size 128 --frames 16 --global-frames 8 --batch-size 1 \
+	--max-steps $(DEMO_UNET_STEPS) --lr 3e-4 --warmup-steps 20 --crop-scale 0.3 1.0 --mask-strategy m3ddm_plus \
+	--p-uncond-local 0.1 --p-uncond-global 0.1 --save-every 50 --keep-checkpoints 2 --val-every 300 --val-clips 4
+# libgomp's default busy-wait makes 2 threads ~30x slower when other processes share the 2 cores
+DEMO_ENV = OMP_WAIT_POLICY=PASSIVE
+# --resume DIR when DIR already holds a checkpoint of an interrupted run
+demo_resume = $$(ls -d $(1)/checkpoint-* >/dev/null 2>&1 && echo --resume $(1))
+
+demo-weights: install
+	bash tests/fetch_videos.sh $(VIDEO_CACHE)
+	$(PYTHON) -m m3ddm.demo split $(VIDEO_CACHE) $(DEMO)/data
+	@[ -f $(DEMO)/started_at ] || date +%s > $(DEMO)/started_at
+	$(DEMO_ENV) $(PYTHON) train.py $(DEMO_VAE_ARGS) $(call demo_resume,$(DEMO)/vae)
+	[ $(DEMO)/vae_scaled.safetensors -nt $(DEMO)/vae/vae.safetensors ] || \
+		$(DEMO_ENV) $(PYTHON) -m m3ddm.demo rescale $(DEMO)/vae/vae.safetensors $(DEMO)/vae_scaled.safetensors $(DEMO)/data
+	$(DEMO_ENV) $(PYTHON) train.py $(DEMO_UNET_ARGS) $(call demo_resume,$(DEMO)/unet)
+	$(PYTHON) -m m3ddm.demo export --vae $(DEMO)/vae_scaled.safetensors --unet $(DEMO)/unet/unet.safetensors \
+		--vae-run $(DEMO)/vae --unet-run $(DEMO)/unet --data $(DEMO)/data --assets m3ddm/assets \
+		--vae-command "python3 train.py $(strip $(DEMO_VAE_ARGS)) (then python3 -m m3ddm.demo rescale)" \
+		--unet-command "python3 train.py $(strip $(DEMO_UNET_ARGS))" \
+		--wall-s $$(( $$(date +%s) - $$(cat $(DEMO)/started_at) ))
 
 clean:
 	rm -rf .pytest_cache build *.egg-info

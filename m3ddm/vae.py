@@ -29,6 +29,9 @@ class VAEConfig:
 VAE_PRESETS = {
     "sd15": VAEConfig(),
     "tiny": VAEConfig(block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8),
+    # the embedded demo model (m3ddm/assets/demo_vae.safetensors): SD-1.5 structure, factor 8, 4 latent
+    # channels; 16 channels at full resolution keep a 128 px encode/decode cheap on a CPU
+    "demo": VAEConfig(block_out_channels=(16, 32, 64, 64), layers_per_block=1, norm_num_groups=8),
 }
 
 
