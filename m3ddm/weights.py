@@ -101,6 +101,9 @@ def save_model(path, state_dict, kind, config, metadata=None, dtype=None) -> str
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         save_file(tensors, str(tmp), metadata=meta)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # the usual permissions, not a temporary file's 0600
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
