@@ -28,7 +28,6 @@ from m3ddm import canvas, pipeline, video, weights
 from m3ddm import metrics as M
 from m3ddm.errors import UserError
 
-VIDEO_EXTS = {".mp4", ".mov", ".avi", ".mkv", ".mpg", ".mpeg", ".webm", ".m4v", ".wmv", ".flv"}
 BASELINES = ("zero", "replicate", "reflect", "fill")
 METHODS = ("model",) + BASELINES
 NOT_COMPUTED = "not computed: weights missing"
@@ -48,9 +47,9 @@ def find_videos(inputs):
     for name in inputs:
         p = Path(name)
         if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in VIDEO_EXTS)
+            found = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in video.VIDEO_EXTENSIONS)
             if not found:
-                raise UserError(f"folder {p} holds no videos ({', '.join(sorted(VIDEO_EXTS))}); "
+                raise UserError(f"folder {p} holds no videos ({', '.join(video.VIDEO_EXTENSIONS)}); "
                                 "point to a folder of video files.")
             videos += found
         elif p.is_file():

@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def find_videos(inputs) -> list:
     from m3ddm import UserError
-    from m3ddm.pipeline import VIDEO_EXTENSIONS
+    from m3ddm.video import VIDEO_EXTENSIONS
     videos = []
     for item in inputs:
         path = Path(item)

@@ -37,12 +37,12 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from m3ddm import masks as M
 from m3ddm import video
 from m3ddm.errors import UserError
+from m3ddm.schedule import global_frame_indices
 from m3ddm.schedulers import NUM_TRAIN_TIMESTEPS, add_noise, alphas_cumprod
 from m3ddm.unet3d import UNET_PRESETS, UNet3D, UNet3DConfig
 from m3ddm.vae import VAE_PRESETS, AutoencoderKL, VAEConfig
 from m3ddm.weights import load_unet, load_vae, make_config, read_header, save_model, sha256_file
 
-VIDEO_EXTENSIONS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".mpg", ".mpeg", ".m4v"}
 TRAIN_STREAM, VAL_STREAM = 0, 1
 STATE_FILE = "trainer_state.pt"
 
@@ -52,7 +52,7 @@ STATE_FILE = "trainer_state.pt"
 
 def find_videos(folder) -> list:
     folder = Path(folder)
-    return sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file())
+    return sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in video.VIDEO_EXTENSIONS and p.is_file())
 
 
 def split_videos(data):
@@ -65,7 +65,7 @@ def split_videos(data):
     else:
         train, val = find_videos(data), []
     if not train:
-        raise UserError(f"no video files ({', '.join(sorted(VIDEO_EXTENSIONS))}) found under {data}; "
+        raise UserError(f"no video files ({', '.join(video.VIDEO_EXTENSIONS)}) found under {data}; "
                         "give a folder that holds videos.")
     return train, val
 
@@ -86,7 +86,7 @@ def clip_indices(num_video_frames: int, clip_frames: int, max_stride: int, gener
 
 def global_indices(num_video_frames: int, count: int) -> list:
     """np.linspace(0, N-1, G, dtype=int) over the whole video, as the reference and the pipeline."""
-    return [int(i) for i in np.linspace(0, num_video_frames - 1, count, dtype=int)] if count else []
+    return global_frame_indices(num_video_frames, count) if count else []
 
 
 def random_resized_crop_box(height, width, generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
@@ -587,7 +587,7 @@ def check_args(args):
         if args.target != "unet":
             raise UserError("--eval-videos evaluates an outpainting UNet; it needs --target unet.")
         for v in map(Path, args.eval_videos):
-            if not v.exists() or v.is_dir() and not any(q.suffix.lower() in VIDEO_EXTENSIONS for q in v.iterdir()):
+            if not v.exists() or v.is_dir() and not any(q.suffix.lower() in video.VIDEO_EXTENSIONS for q in v.iterdir()):
                 raise UserError(f"--eval-videos {v} {'holds no videos' if v.exists() else 'does not exist'}; "
                                 "give video files or folders of videos (not searched recursively).")
         if args.eval_steps < 1 or args.eval_frames < 2:

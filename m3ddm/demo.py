@@ -16,7 +16,6 @@ fp16 export, preview image. Run as `python -m m3ddm.demo CMD ...`.
 """
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -26,11 +25,10 @@ import torch.nn.functional as F
 
 from .errors import UserError
 from .vae import LATENT_SCALE
-from .video import probe, read_frames_at
+from .video import VIDEO_EXTENSIONS, probe, read_frames_at
 from .weights import load_unet, load_vae, read_header, save_model, sha256_file
 
 HELD_OUT = ("kivy_cityCC0.mpg", "opencv_cup.mp4")
-VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".mpg", ".mpeg", ".m4v"}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -39,7 +37,7 @@ VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".mpg", ".mpeg", ".m4
 
 def split(cache, data):
     cache, data = Path(cache).resolve(), Path(data)
-    clips = sorted(p for p in cache.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
+    clips = sorted(p for p in cache.iterdir() if p.suffix.lower() in VIDEO_EXTENSIONS)
     missing = [name for name in HELD_OUT if not (cache / name).is_file()]
     if not clips or missing:
         raise UserError(f"{cache} lacks the clips (missing {missing or 'all'}); run `make videos` first.")
@@ -56,7 +54,7 @@ def split(cache, data):
 
 def data_list(data, sub):
     return [{"name": p.name, "sha256": sha256_file(p)} for p in sorted((Path(data) / sub).iterdir())
-            if p.suffix.lower() in VIDEO_SUFFIXES]
+            if p.suffix.lower() in VIDEO_EXTENSIONS]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -95,7 +93,7 @@ def scale_latents(vae, factor):
 
 def rescale(vae_in, vae_out, data):
     vae = load_vae(vae_in, "cpu", torch.float32).eval()
-    videos = sorted(p for p in (Path(data) / "train").iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
+    videos = sorted(p for p in (Path(data) / "train").iterdir() if p.suffix.lower() in VIDEO_EXTENSIONS)
     std = latent_std(vae, videos)
     factor = 1.0 / (LATENT_SCALE * std)
     scale_latents(vae, factor)

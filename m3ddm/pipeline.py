@@ -41,7 +41,6 @@ from .schedule import DEFAULT_STRIDES, Schedule, build_schedule, global_frame_in
 from .schedulers import DDIMScheduler, PNDMScheduler
 
 CLIP_LEN = 16
-VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".mpg", ".mpeg", ".webm", ".m4v", ".wmv", ".flv", ".ts")
 
 
 @dataclass

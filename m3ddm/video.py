@@ -40,6 +40,10 @@ _STANDARD_RATES = [Fraction(k) for k in (12, 15, 24, 25, 30, 48, 50, 60, 90, 100
 PathLike = Union[str, os.PathLike]
 
 
+# file suffixes taken as videos when a folder is scanned (sample, evaluate, train, demo)
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".mpg", ".mpeg", ".webm", ".m4v", ".wmv", ".flv", ".ts")
+
+
 def ffmpeg_exe() -> str:
     return imageio_ffmpeg.get_ffmpeg_exe()
 
