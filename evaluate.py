@@ -15,7 +15,6 @@ import argparse
 import csv
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -249,16 +248,6 @@ def markdown_table(summary, ratios):
 # Output files (temporary name in the target folder, then rename)
 
 
-def _write_atomic(path, write):
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def write_csv(path, rows):
     fields = ["video", "method", "crop_ratio", "axis", "frames", "width", "height", "cut"] + \
         list(METRIC_COLUMNS) + ["known_exact", "seconds"]
@@ -269,13 +258,13 @@ def write_csv(path, rows):
             w.writeheader()
             for row in rows:
                 w.writerow({k: M.format_value(v, 6) if isinstance(v, float) else v for k, v in row.items()})
-    _write_atomic(path, write)
+    pipeline.write_atomic(path, write)
 
 
 def write_text(path, text):
     def write(tmp):
         tmp.write_text(text)
-    _write_atomic(path, write)
+    pipeline.write_atomic(path, write)
 
 
 def _jsonable(x):

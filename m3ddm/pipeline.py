@@ -446,16 +446,16 @@ def check_not_input(targets, path):
             raise UserError(f"Output {target} is the input video itself; choose another --out folder.")
 
 
-def _write_atomic(path: Path, write: Callable[[str], None]):
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
+def write_atomic(path: Path, write: Callable[[Path], None]):
+    """write(tmp) fills a temporary file beside `path` (same suffix, so writers that go by it still work),
+    which is then renamed to `path`; on any failure nothing is left under either name."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
     try:
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _preview(rows: list, mask: torch.Tensor) -> np.ndarray:
@@ -527,7 +527,7 @@ def outpaint_video(path, out_dir, unet, vae, ratios: Sequence[tuple], options: O
         raise
     audio_notes = {ratio_label(r): w.audio_note for r, w in writers.items() if w.audio_note}
 
-    _write_atomic(side_files[1], lambda tmp: _imwrite_png(tmp, _preview(preview_rows, engine.pix_mask)))
+    write_atomic(side_files[1], lambda tmp: _imwrite_png(tmp, _preview(preview_rows, engine.pix_mask)))
     record = {
         "m3ddm_version": __version__,
         "input": str(path),
@@ -555,12 +555,12 @@ def outpaint_video(path, out_dir, unet, vae, ratios: Sequence[tuple], options: O
         "timings_s": {**{k: round(v, 3) for k, v in stats.timings.items()},
                       "total": round(time.perf_counter() - t_start, 3)},
     }
-    _write_atomic(side_files[0], lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1) + "\n"))
+    write_atomic(side_files[0], lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1) + "\n"))
     record["record"] = str(side_files[0])
     return record
 
 
-def _imwrite_png(path: str, image: np.ndarray):
+def _imwrite_png(path, image: np.ndarray):
     import imageio.v2 as imageio
     imageio.imwrite(path, image, format="png")
 
