@@ -12,10 +12,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 from .errors import UserError
-from .weights import make_config, read_header, sha256_file, strict_load
+from .weights import load_tensors, make_config, read_header, sha256_file, strict_load
 
 # ------------------------------------------------------------------------------------------------
 # PSNR
@@ -254,7 +253,7 @@ def load_lpips(path, device="cpu", dtype=torch.float32) -> LPIPS:
     if kind != "lpips":
         raise UserError(f"{path} holds '{kind}' weights, not LPIPS; pass the file made by `weights_convert.py lpips`.")
     model = LPIPS(make_config(LPIPSConfig, config, strict=False))
-    strict_load(model, load_file(str(path)), str(path))
+    strict_load(model, load_tensors(path), str(path))
     return model.to(device=device, dtype=dtype).eval()
 
 

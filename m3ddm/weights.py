@@ -15,7 +15,7 @@ import struct
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .errors import UserError
 
@@ -56,6 +56,47 @@ def safetensors_header(path) -> dict:
         raise UserError(f"{path} is truncated ({size} bytes, the header needs {8 + n + end}); "
                         "download or convert it again.")
     return header
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def load_tensors(path, device="cpu", dtype=None) -> dict:
+    """Every tensor of a safetensors file, each read straight from the file into its own fresh tensor on
+    `device` (floating tensors cast to `dtype` when given).
+
+    Why not safetensors' load_file: it returns views into a memory map of the file, so a tensor's address
+    depends on the header's length. MKL's matrix-vector kernel (a Linear on one row, e.g. the time
+    embedding at batch 1) sums in an order that depends on the weight's alignment, so the same weights
+    gave different last bits depending on the metadata (and broke bit-exact resume). Fresh tensors are
+    64-byte aligned. The file is read once, tensor by tensor: host memory holds one copy on CPU, one
+    tensor at a time for another device.
+    """
+    header = safetensors_header(path)
+    device = torch.device(device)
+    out = {}
+    with open(path, "rb") as f:
+        start = 8 + struct.unpack("<Q", f.read(8))[0]
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            stored = SAFETENSORS_DTYPES.get(info["dtype"])
+            if stored is None:
+                raise UserError(f"{path}: tensor {name} has dtype {info['dtype']}, which m3ddm does not read; "
+                                "convert the original weights again.")
+            begin, end = info["data_offsets"]
+            t = torch.empty(info["shape"], dtype=stored)
+            if t.numel() * t.element_size() != end - begin:
+                raise UserError(f"{path}: tensor {name} has {end - begin} bytes for shape {info['shape']}; "
+                                "the file is damaged, convert it again.")
+            f.seek(start + begin)
+            if end > begin and f.readinto(memoryview(t.view(-1).view(torch.uint8).numpy())) != end - begin:
+                raise UserError(f"{path} is truncated inside tensor {name}; download or convert it again.")
+            cast = dtype if dtype is not None and t.is_floating_point() else t.dtype
+            out[name] = t.to(device, cast)
+    return out
 
 
 def read_header(path):
@@ -170,8 +211,7 @@ def _load_model(path, kind, device, dtype):
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     config = make_config(Config, config)
-    state = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device)
-             for k, v in load_file(str(path)).items()}
+    state = load_tensors(path, device, dtype)
     with torch.device("meta"):  # no random init of 1.3 B parameters that are overwritten anyway
         model = Model(config)
     check_state_dict(model, state, str(path))

@@ -288,13 +288,11 @@ def test_resume_continues_exactly(tmp_path, small_videos, vae_file, one_thread):
     assert not list(split.glob(".*tmp*"))  # no temporary leftovers
     a, b = losses(straight), losses(split)
     assert len(a) == len(b) == 20
-    assert np.allclose(a, b, rtol=1e-6, atol=0)
+    assert a == b  # bit-exact: the resumed run is the same computation (weights load 64-byte aligned)
     for name in ("unet.safetensors", "unet_ema.safetensors"):
         ua, ub = load_unet(straight / name).state_dict(), load_unet(split / name).state_dict()
         for k in ua:
-            if ua[k].is_floating_point():
-                err = (ua[k] - ub[k]).abs().max() / ua[k].abs().max().clamp_min(1e-12)
-                assert err <= 1e-6, (name, k, float(err))
+            assert torch.equal(ua[k], ub[k]), (name, k)
     records = [json.loads(line) for line in open(split / "metrics.jsonl")]
     assert records[-1]["skipped_videos"] == 1  # the corrupt file, counted once
     kind, config, meta = read_header(split / "unet.safetensors")

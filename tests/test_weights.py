@@ -115,6 +115,41 @@ def test_load_vae_gives_trainable_eval_model(tmp_path):
     assert {p.dtype for p in W.load_vae(path, dtype=torch.bfloat16).parameters()} == {torch.bfloat16}
 
 
+def test_loaded_tensors_are_fresh_aligned_copies(tmp_path):
+    sd = {"w": torch.randn(5, 3), "b": torch.randn(3).bfloat16(), "n": torch.tensor(4), "e": torch.zeros(0, 2)}
+    save_file(sd, str(tmp_path / "t.safetensors"))
+    got = W.load_tensors(tmp_path / "t.safetensors")
+    assert all(torch.equal(got[k], v) and got[k].dtype == v.dtype for k, v in sd.items())
+    assert all(t.data_ptr() % 64 == 0 for t in got.values() if t.numel())
+    cast = W.load_tensors(tmp_path / "t.safetensors", dtype=torch.float16)
+    assert cast["w"].dtype == cast["b"].dtype == torch.float16 and cast["n"].dtype == torch.int64
+
+
+def test_same_weights_same_bits_whatever_the_header_length(tmp_path, tiny_models):
+    """MKL's batch-1 Linear (matrix-vector) rounds by the weight's alignment; loading must not depend on
+    where the tensors sit in the file (metadata of another length moves every tensor)."""
+    unet, _ = tiny_models
+    x = torch.randn(1, unet.config.block_out_channels[0], generator=torch.Generator().manual_seed(0))
+    outs = []
+    for pad in range(0, 64, 8):
+        path = tmp_path / f"u{pad}.safetensors"
+        W.save_model(path, unet.state_dict(), "unet", unet.config, metadata={"pad": "x" * pad})
+        model = W.load_unet(path)
+        assert all(p.data_ptr() % 64 == 0 for p in model.parameters())
+        with torch.no_grad():
+            outs.append(model.time_embedding(x))
+    assert all(torch.equal(o, outs[0]) for o in outs)
+
+
+def test_truncated_tensor_data_is_one_clear_error(tmp_path):
+    path = tmp_path / "t.safetensors"
+    save_file({"w": torch.randn(64, 64)}, str(path))
+    data = path.read_bytes()
+    path.write_bytes(data[:-100])
+    with pytest.raises(UserError, match="truncated"):
+        W.load_tensors(path)
+
+
 # ---------------------------------------------------------------------------------------------------
 # key maps at full size
 
