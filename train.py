@@ -565,7 +565,8 @@ def parse_args(argv=None):
     a("--sample-steps", type=int, default=25, help="PNDM steps of those samples (default 25)")
     a("--eval-videos", nargs="+", metavar="VIDEO",
       help="video files or folders: run evaluate.py (--method model, crop ratio 0.25) on them after each "
-           "checkpoint into OUT/eval/step-N/ and log its PSNR/SSIM to metrics.jsonl; --target unet only")
+           "checkpoint (its EMA weights with --ema) into OUT/eval/step-N/ and log its PSNR/SSIM to "
+           "metrics.jsonl; --target unet only")
     a("--eval-steps", type=int, default=25, help="sampler steps of that evaluation (default 25)")
     a("--eval-frames", type=int, default=16, help="first N frames of each evaluation video (default 16)")
     args = p.parse_args(argv)
@@ -837,10 +838,11 @@ def train(args):
                   "skipped": sorted(skipped_seen)}
             path = save_checkpoint(out, at_step, model, config, st, ema, args, sources)
             log.message(f"checkpoint {path}")
-            if args.eval_videos and args.target == "unet":
-                result = run_evaluation(args, path / model_filename(args.target), at_step, device, log)
+            if args.eval_videos and args.target == "unet":  # the EMA weights when there are any: what ships
+                name = model_filename(args.target).replace(".safetensors", "_ema.safetensors" if ema else ".safetensors")
+                result = run_evaluation(args, path / name, at_step, device, log)
                 if result is not None:
-                    log.record(step=at_step, eval=result)
+                    log.record(step=at_step, eval=result, eval_weights=name)
         if world > 1:
             dist.barrier()
 

@@ -366,6 +366,24 @@ def test_eval_videos_logs_evaluate_metrics_at_each_checkpoint(tmp_path, small_vi
     assert (out / "eval" / "step-0000001" / "summary.json").is_file()
 
 
+def test_eval_videos_scores_the_ema_weights_with_ema(tmp_path, small_videos, vae_file, real_videos, one_thread,
+                                                    monkeypatch):
+    """With --ema the checkpoint's EMA file is what evaluate.py scores (the weights one would ship)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    data = data_dir(tmp_path, small_videos, ["city40.mp4"])
+    evals = tmp_path / "eval_videos"
+    evals.mkdir()
+    os.symlink(real_videos / "pyfeat_single_face.mp4", evals / "face.mp4")
+    out = tmp_path / "out"
+    assert run_train(["--data", data, "--out", out, "--vae", vae_file, *TINY, "--frames", "4", "--max-steps", "1",
+                      "--ema", "0.5", "--eval-videos", evals, "--eval-steps", "2"]) == 0
+    (record,) = [json.loads(line) for line in open(out / "metrics.jsonl") if '"eval"' in line]
+    assert record["eval_weights"] == "unet_ema.safetensors"
+    summary = json.loads((out / "eval" / "step-0000001" / "summary.json").read_text())
+    assert summary["weights"]["unet"] == str(out / "checkpoint-0000001" / "unet_ema.safetensors")
+
+
 def test_eval_videos_failure_warns_and_training_goes_on(tmp_path, small_videos, vae_file, one_thread, capsys,
                                                        monkeypatch):
     monkeypatch.chdir(tmp_path)
