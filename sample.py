@@ -4,7 +4,8 @@
     python sample.py videos/ --ratio 16:9,9:16 --out results --unet weights/unet.safetensors --vae weights/vae.safetensors
 
 One mp4 per input and ratio (<stem>_<a>-<b>.mp4, source fps and audio), plus <stem>.json (run record)
-and <stem>_preview.png beside it. Progress on stderr, output paths on stdout.
+and <stem>_preview.png beside it. Progress on stderr, output paths on stdout. With --truth VIDEO (the
+uncropped shot of a single input, one ratio) the preview shows ground truth | input | output instead.
 """
 import argparse
 import sys
@@ -37,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-resolution", action="store_true", help="output at the source's resolution: source pixels untouched, border upscaled")
     p.add_argument("--vae-sample", action="store_true", help="sample the VAE posterior (seeded) instead of taking its mean")
     p.add_argument("--plain", action="store_true", help="reference-shaped slow path: 4 guidance branches, math attention, fp32")
+    p.add_argument("--truth", default=None, metavar="VIDEO",
+                   help="ground-truth video of the (single) input: the preview becomes truth | input | output")
     return p
 
 
@@ -110,6 +113,9 @@ def run(args) -> int:
     from m3ddm.canvas import check_size
     check_size(args.size)
     videos = find_videos(args.inputs)
+    if args.truth is not None and (len(videos) != 1 or len(ratios) != 1 or not Path(args.truth).is_file()):
+        raise UserError(f"--truth {args.truth} needs an existing video and exactly one input and one --ratio "
+                        f"(got {len(videos)} input(s), {len(ratios)} ratio(s)); check the path or split the run.")
     unet_path = weights_path(args.unet, DEFAULT_UNET, "UNet")
     vae_path = weights_path(args.vae, DEFAULT_VAE, "VAE")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -132,6 +138,10 @@ def run(args) -> int:
         record = outpaint_video(video, args.out, unet, vae, ratios, options, device=device, dtype=dtype,
                                 weights={"unet": unet_path, "vae": vae_path}, progress=progress_to_stderr(prefix),
                                 argv=record_args)
+        if args.truth is not None:
+            from m3ddm.demo import preview
+            for output in record["outputs"].values():
+                preview(args.truth, video, output, record["preview"], quiet=True)
         for path in record["outputs"].values():
             print(path, flush=True)
         for ratio, note in record["skipped_ratios"].items():
