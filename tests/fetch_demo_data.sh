@@ -57,9 +57,11 @@ get_deb opencv-doc=4.6.0+dfsg-12
 get_deb lomiri-wallpapers-16.04=20.04.0-2
 get_deb lomiri-wallpapers-20.04=20.04.0-2
 get_deb mate-backgrounds=1.26.0-1
-deb_take() {  # DEB SRC_DIR PREFIX NAME...
+deb_take() {  # DEB SRC_DIR PREFIX NAME...: one pass over the package, then each file renamed into OUT
   local deb=$1 dir=$2 prefix=$3; shift 3
-  for n in "$@"; do dpkg-deb --fsys-tarfile "$deb" | tar -x -O "./$dir/$n" > "$OUT/$prefix$n"; done
+  rm -rf x && mkdir x
+  dpkg-deb --fsys-tarfile "$deb" | tar -x -C x $(printf "./$dir/%s " "$@")
+  for n in "$@"; do mv "x/$dir/$n" "$OUT/$prefix$n"; done
 }
 OCV=usr/share/doc/opencv-doc/examples/data
 deb_take opencv-doc_4.6.0+dfsg-12_all.deb $OCV clips/opencv_ vtest.avi tree.avi
