@@ -13,8 +13,8 @@ fp16 export, preview image. Run as `python -m m3ddm.demo CMD ...`.
         evaluation resolution (long side --size), as evaluate.py prepares them.
     python -m m3ddm.demo rescale VAE_IN VAE_OUT DATA
         Rescale the trained VAE's latent space (exactly: decode(encode(x)) is unchanged) so that the
-        latents times 0.18215 have unit standard deviation per channel on the training frames, as the
-        diffusion schedule expects (the pipeline hard-codes SD-1.5's 0.18215).
+        posterior samples times 0.18215 have unit standard deviation per channel on the training frames,
+        as the diffusion schedule expects (the pipeline hard-codes SD-1.5's 0.18215).
     python -m m3ddm.demo export --vae F --vae-run DIR --unet-run DIR --data DATA --assets DIR
                                 [--data-sums FILE] --vae-command S --unet-command S --wall-s N
         fp16 copies as ASSETS/demo_vae.safetensors and ASSETS/demo_unet.safetensors, with the training
@@ -245,8 +245,13 @@ def centre_frames(path, count=12, size=128):
 
 @torch.no_grad()
 def latent_std(vae, videos):
-    z = torch.cat([vae.encode(centre_frames(v), batch=4).mean for v in videos])  # (N, C, h, w)
-    return z.transpose(0, 1).flatten(1).std(dim=1)  # (C,)
+    """(C,) standard deviation of posterior samples (what train.py's UNet objective encodes, sample=True):
+    sqrt(variance of the means + mean posterior variance). A channel the decoder barely uses keeps a
+    posterior close to N(0, 1); scaling by the means alone would blow its sampling noise up."""
+    posts = [vae.encode(centre_frames(v), batch=4) for v in videos]
+    means = torch.cat([p.mean for p in posts]).transpose(0, 1).flatten(1)  # (C, N*h*w)
+    noise_var = torch.cat([p.var for p in posts]).transpose(0, 1).flatten(1).mean(dim=1)  # (C,)
+    return (means.var(dim=1) + noise_var).sqrt()
 
 
 @torch.no_grad()

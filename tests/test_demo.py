@@ -205,3 +205,24 @@ def test_sample_truth_draws_truth_input_output_preview(tmp_path, capsys):
     capsys.readouterr()
     assert sample.main([*args, "--ratio", "16:9,9:16", "--truth", str(CLIP_TRUTH)]) == 2
     assert "--truth" in capsys.readouterr().err
+
+
+def test_rescale_is_exact_and_gives_unit_std_posterior_samples(tmp_path):
+    """scale_latents changes only the latent units: decode(encode_mean(x)) is unchanged and the posterior
+    samples (means and their noise) times 0.18215 have unit std per channel on the frames it measured."""
+    from m3ddm.vae import LATENT_SCALE
+    from m3ddm.video import VideoWriter
+    rng = np.random.default_rng(0)
+    clip = tmp_path / "clip.mp4"
+    frames = np.repeat(np.repeat(rng.integers(0, 256, (12, 18, 24, 3), dtype=np.uint8), 8, 1), 8, 2)
+    with VideoWriter(clip, 192, 144, 25) as w:
+        w.write(frames)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(VAE_PRESETS["tiny"]).eval()
+    x = demo.centre_frames(clip)
+    with torch.no_grad():
+        before = vae.decode(vae.encode(x).mean)
+        demo.scale_latents(vae, 1.0 / (LATENT_SCALE * demo.latent_std(vae, [clip])))
+        after = vae.decode(vae.encode(x).mean)
+    assert torch.allclose(before, after, atol=1e-4)
+    assert torch.allclose(demo.latent_std(vae, [clip]) * LATENT_SCALE, torch.ones(4), atol=1e-4)
