@@ -62,21 +62,23 @@ convert: install
 # checkpoint with the best held-out band PSNR logged in metrics.jsonl (train.py --eval-videos).
 DEMO ?= $(OUT)/demo
 DEMO_DATA_CACHE ?= $(HOME)/.cache/m3ddm/demo_data
-DEMO_VAE_STEPS ?= 3000
+DEMO_VAE_STEPS ?= 1500
 DEMO_UNET_STEPS ?= 4000
 DEMO_DATA_ARGS = --data $(DEMO)/data --num-workers 1 --cache-videos --decode-short-side 144 --seed 0 --log-every 25
-DEMO_VAE_ARGS = --target vae --vae-config demo --out $(DEMO)/vae $(DEMO_DATA_ARGS) --size 128 --frames 2 \
-	--batch-size 4 --max-steps $(DEMO_VAE_STEPS) --lr 8e-4 --warmup-steps 100 --recon-loss l1 --kl-weight 1e-6 \
-	--crop-scale 0.4 1.0 --save-every 250 --keep-checkpoints 3 --val-every 250 --val-clips 8
+DEMO_VAE_ARGS = --target vae --vae-config demo --out $(DEMO)/vae $(DEMO_DATA_ARGS) --size 64 --frames 2 \
+	--batch-size 8 --max-steps $(DEMO_VAE_STEPS) --lr 8e-4 --warmup-steps 100 --recon-loss l1 --kl-weight 1e-6 \
+	--crop-scale 0.2 1.0 --ema 0.995 --save-every 250 --keep-checkpoints 3 --val-every 250 --val-clips 8
 DEMO_UNET_ARGS = --target unet --config demo --vae $(DEMO)/vae_scaled.safetensors \
-	--out $(DEMO)/unet $(DEMO_DATA_ARGS) --size 128 --frames 16 --global-frames 8 --max-stride 15 --batch-size 2 \
+	--out $(DEMO)/unet $(DEMO_DATA_ARGS) --size 128 --frames 16 --global-frames 8 --max-stride 15 --batch-size 1 \
 	--max-steps $(DEMO_UNET_STEPS) --lr 3e-4 --warmup-steps 100 --crop-scale 0.5 1.0 --mask-strategy m3ddm_plus \
-	--p-uncond-local 0.1 --p-uncond-global 0.1 --ema 0.999 --save-every 250 --keep-checkpoints 0 \
+	--p-uncond-local 0.1 --p-uncond-global 0.1 --ema 0.995 --save-every 200 --keep-checkpoints 0 \
 	--eval-videos $(DEMO)/data/val --eval-steps 20 --eval-frames 16
 # libgomp's default busy-wait makes 2 threads ~30x slower when other processes share the 2 cores
 DEMO_ENV = OMP_WAIT_POLICY=PASSIVE
 # --resume DIR when DIR already holds a checkpoint of an interrupted run
 demo_resume = $$(ls -d $(1)/checkpoint-* >/dev/null 2>&1 && echo --resume $(1))
+# true when the run in DIR has finished (train.py's last metrics.jsonl record): a rerun does not touch it
+demo_done = grep -q '"done": true' $(1)/metrics.jsonl 2>/dev/null
 
 demo-weights: install
 	bash tests/fetch_videos.sh $(VIDEO_CACHE)
@@ -84,10 +86,10 @@ demo-weights: install
 	$(PYTHON) -m m3ddm.demo split $(VIDEO_CACHE) $(DEMO)/data --extra $(DEMO_DATA_CACHE)/clips
 	$(DEMO_ENV) $(PYTHON) -m m3ddm.demo synth $(DEMO_DATA_CACHE)/photos $(DEMO)/data/train --frames 64 --seed 0
 	@[ -f $(DEMO)/started_at ] || date +%s > $(DEMO)/started_at
-	$(DEMO_ENV) $(PYTHON) train.py $(DEMO_VAE_ARGS) $(call demo_resume,$(DEMO)/vae)
-	[ $(DEMO)/vae_scaled.safetensors -nt $(DEMO)/vae/vae.safetensors ] || \
-		$(DEMO_ENV) $(PYTHON) -m m3ddm.demo rescale $(DEMO)/vae/vae.safetensors $(DEMO)/vae_scaled.safetensors $(DEMO)/data
-	$(DEMO_ENV) $(PYTHON) train.py $(DEMO_UNET_ARGS) $(call demo_resume,$(DEMO)/unet)
+	$(call demo_done,$(DEMO)/vae) || $(DEMO_ENV) $(PYTHON) train.py $(DEMO_VAE_ARGS) $(call demo_resume,$(DEMO)/vae)
+	[ $(DEMO)/vae_scaled.safetensors -nt $(DEMO)/vae/vae_ema.safetensors ] || \
+		$(DEMO_ENV) $(PYTHON) -m m3ddm.demo rescale $(DEMO)/vae/vae_ema.safetensors $(DEMO)/vae_scaled.safetensors $(DEMO)/data
+	$(call demo_done,$(DEMO)/unet) || $(DEMO_ENV) $(PYTHON) train.py $(DEMO_UNET_ARGS) $(call demo_resume,$(DEMO)/unet)
 	$(DEMO_ENV) $(PYTHON) -m m3ddm.demo export --vae $(DEMO)/vae_scaled.safetensors --unet-run $(DEMO)/unet \
 		--vae-run $(DEMO)/vae --data $(DEMO)/data --assets m3ddm/assets \
 		--data-sums tests/demo_data.sha256 \

@@ -79,8 +79,8 @@ UNET_PRESETS = {
     "full": UNet3DConfig(),  # the released M3DDM / M3DDM+ checkpoint, 1,299,279,320 parameters
     "tiny": UNet3DConfig(block_out_channels=(16, 16, 16, 32), norm_num_groups=8),  # the test fixture, 1,322,488
     "small": UNet3DConfig(block_out_channels=(64, 128, 256, 256)),  # the CPU benchmark, 54.4 M
-    "demo": UNet3DConfig(block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=16,
-                         attention_head_dim=4),  # the bundled demo model, 3.35 M
+    "demo": UNet3DConfig(block_out_channels=(32, 64, 128, 128), layers_per_block=1, norm_num_groups=16,
+                         attention_head_dim=4),  # the bundled demo model, 9.84 M
 }
 
 
@@ -89,7 +89,7 @@ def list_presets():
     return {"full": "released M3DDM/M3DDM+ architecture, widths (320, 640, 1280, 1280), 1.30 B parameters",
             "tiny": "test-fixture architecture, widths (16, 16, 16, 32), 8 norm groups, 1.32 M parameters",
             "small": "CPU-benchmark architecture, widths (64, 128, 256, 256), 54.4 M parameters",
-            "demo": "the bundled demo model, widths (32, 32, 64, 64), 1 layer per block, 16 groups, 4 heads, 3.35 M"}
+            "demo": "the bundled demo model, widths (32, 64, 128, 128), 1 layer per block, 16 groups, 4 heads, 9.84 M"}
 
 
 # ----------------------------------------------------------------------------------------------------
