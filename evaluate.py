@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from m3ddm import canvas, pipeline, video, weights
+from m3ddm import canvas, data, pipeline, video, weights
 from m3ddm import metrics as M
 from m3ddm.errors import UserError
 
@@ -38,24 +38,6 @@ METRIC_COLUMNS = ("psnr", "psnr_band", "ssim", "ssim_band", "ssim_gauss", "ssim_
 
 # ------------------------------------------------------------------------------------------------
 # Inputs and geometry
-
-
-def find_videos(inputs):
-    """Video files named on the command line, or found (non-recursively) in named folders."""
-    videos = []
-    for name in inputs:
-        p = Path(name)
-        if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in video.VIDEO_EXTENSIONS)
-            if not found:
-                raise UserError(f"folder {p} holds no videos ({', '.join(video.VIDEO_EXTENSIONS)}); "
-                                "point to a folder of video files.")
-            videos += found
-        elif p.is_file():
-            videos.append(p)
-        else:
-            raise UserError(f"{p} does not exist; give video files or folders of videos.")
-    return videos
 
 
 def eval_size(width, height, size):
@@ -466,7 +448,7 @@ def check_outputs_spare_inputs(out_dir, videos):
 
 def run(args):
     check_args(args)
-    videos = find_videos(args.videos)
+    videos = data.list_videos(args.videos)
     check_outputs_spare_inputs(args.out, videos)
     ev = Evaluation(args)
     ev.out_dir.mkdir(parents=True, exist_ok=True)

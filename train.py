@@ -34,7 +34,8 @@ import torch.nn.functional as F
 
 from m3ddm import masks as M
 from m3ddm import video
-from m3ddm.data import (TRAIN_STREAM, VAL_STREAM, ClipDataset, ClipSpec, clip_loader, find_videos, split_videos)
+from m3ddm.data import (TRAIN_STREAM, VAL_STREAM, ClipDataset, ClipSpec, clip_loader, find_videos, list_videos,
+                        split_videos)
 from m3ddm.errors import UserError
 from m3ddm.schedulers import NUM_TRAIN_TIMESTEPS, add_noise, alphas_cumprod
 from m3ddm.unet3d import UNET_PRESETS, UNet3D, UNet3DConfig
@@ -341,10 +342,7 @@ def check_args(args):
     if args.eval_videos:
         if args.target != "unet":
             raise UserError("--eval-videos evaluates an outpainting UNet; it needs --target unet.")
-        for v in map(Path, args.eval_videos):
-            if not v.exists() or v.is_dir() and not any(q.suffix.lower() in video.VIDEO_EXTENSIONS for q in v.iterdir()):
-                raise UserError(f"--eval-videos {v} {'holds no videos' if v.exists() else 'does not exist'}; "
-                                "give video files or folders of videos (not searched recursively).")
+        list_videos(args.eval_videos, "--eval-videos")  # files, or folders of videos (not searched recursively)
         if args.eval_steps < 1 or args.eval_frames < 2:
             raise UserError("--eval-steps must be at least 1 and --eval-frames at least 2.")
     if args.target == "unet" and not args.vae:

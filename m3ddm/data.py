@@ -1,4 +1,5 @@
-"""Video clips for training: the video folder, clip sampling, crops, decoding, the clip dataset, its sampler.
+"""Video clips for training: the video folder, clip sampling, crops, decoding, the clip dataset, its sampler;
+the video lists and centre crops that evaluate.py and the demo recipe share.
 
     train, val = split_videos("DATA")          # DATA/train and DATA/val, or everything is train
     spec = ClipSpec(size=128, frames=16, global_frames=16, seed=6)
@@ -60,6 +61,26 @@ def find_videos(folder) -> list:
     """Video files under folder, searched recursively, sorted."""
     folder = Path(folder)
     return sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in video.VIDEO_EXTENSIONS and p.is_file())
+
+
+def list_videos(inputs, option=None) -> list:
+    """Video files named, or found (not recursively) in named folders, as Paths: what evaluate.py and
+    train.py --eval-videos take. `option` (e.g. "--eval-videos") prefixes the error messages."""
+    where = f"{option} " if option else ""
+    videos = []
+    for name in inputs:
+        p = Path(name)
+        if p.is_dir():
+            found = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in video.VIDEO_EXTENSIONS)
+            if not found:
+                raise UserError(f"{where}folder {p} holds no videos ({', '.join(video.VIDEO_EXTENSIONS)}); "
+                                "point to a folder of video files.")
+            videos += found
+        elif p.is_file():
+            videos.append(p)
+        else:
+            raise UserError(f"{where}{p} does not exist; give video files or folders of videos.")
+    return videos
 
 
 def split_videos(data):

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .data import center_square_box, crop_resize, list_videos
 from .errors import UserError
 from .vae import LATENT_SCALE
 from .video import VIDEO_EXTENSIONS, probe, read_frames_at
@@ -53,8 +54,7 @@ def split(cache, data):
 
 
 def data_list(data, sub):
-    return [{"name": p.name, "sha256": sha256_file(p)} for p in sorted((Path(data) / sub).iterdir())
-            if p.suffix.lower() in VIDEO_EXTENSIONS]
+    return [{"name": p.name, "sha256": sha256_file(p)} for p in list_videos([Path(data) / sub])]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -66,12 +66,7 @@ def centre_frames(path, count=12, size=128):
     info = probe(path)
     idx = np.linspace(0, info.num_frames - 1, count).round().astype(int).tolist()
     frames = read_frames_at(path, idx, info)  # (K, H, W, 3) uint8
-    h, w = frames.shape[1:3]
-    side = min(h, w)
-    top, left = (h - side) // 2, (w - side) // 2
-    x = torch.from_numpy(np.ascontiguousarray(frames[:, top:top + side, left:left + side])).permute(0, 3, 1, 2)
-    x = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return (x / 127.5 - 1.0).clamp(-1.0, 1.0)
+    return crop_resize(frames, center_square_box(*frames.shape[1:3]), size)
 
 
 @torch.no_grad()
@@ -93,7 +88,7 @@ def scale_latents(vae, factor):
 
 def rescale(vae_in, vae_out, data):
     vae = load_vae(vae_in, "cpu", torch.float32).eval()
-    videos = sorted(p for p in (Path(data) / "train").iterdir() if p.suffix.lower() in VIDEO_EXTENSIONS)
+    videos = list_videos([Path(data) / "train"])
     std = latent_std(vae, videos)
     factor = 1.0 / (LATENT_SCALE * std)
     scale_latents(vae, factor)

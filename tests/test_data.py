@@ -1,5 +1,4 @@
 """m3ddm/data.py: video folders, clip sampling, crops, decoding, the clip dataset and its loader."""
-import os
 
 import numpy as np
 import pytest
@@ -198,4 +197,20 @@ def test_collate_passes_errors_and_skips_on():
     skipped = [("a.mp4", "ValueError: only 3 frames")]
     batch = D.collate([{"error": "none usable", "skipped": skipped}, {"error": "none usable", "skipped": []}])
     assert batch == {"error": "none usable", "skipped": skipped}
+
+
+
+def test_video_list_of_files_and_folders(tmp_path):
+    (tmp_path / "d").mkdir()
+    for name in ("d/b.mp4", "d/a.mov", "d/notes.txt", "c.mkv"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "d" / "sub").mkdir()
+    (tmp_path / "d" / "sub" / "deep.mp4").write_bytes(b"")  # not searched recursively
+    assert D.list_videos([tmp_path / "c.mkv", tmp_path / "d"]) == [
+        tmp_path / "c.mkv", tmp_path / "d" / "a.mov", tmp_path / "d" / "b.mp4"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(D.UserError, match="^folder .* holds no videos"):
+        D.list_videos([tmp_path / "empty"])
+    with pytest.raises(D.UserError, match="^--eval-videos .*missing does not exist"):
+        D.list_videos([tmp_path / "missing"], option="--eval-videos")
 
