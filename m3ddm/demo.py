@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import center_square_box, crop_resize, list_videos
+from .data import center_square_box, crop_resize
 from .errors import UserError
 from .vae import LATENT_SCALE
 from .video import VIDEO_EXTENSIONS, probe, read_frames_at
@@ -54,7 +54,8 @@ def split(cache, data):
 
 
 def data_list(data, sub):
-    return [{"name": p.name, "sha256": sha256_file(p)} for p in list_videos([Path(data) / sub])]
+    return [{"name": p.name, "sha256": sha256_file(p)} for p in sorted((Path(data) / sub).iterdir())
+            if p.suffix.lower() in VIDEO_EXTENSIONS]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -88,7 +89,7 @@ def scale_latents(vae, factor):
 
 def rescale(vae_in, vae_out, data):
     vae = load_vae(vae_in, "cpu", torch.float32).eval()
-    videos = list_videos([Path(data) / "train"])
+    videos = sorted(p for p in (Path(data) / "train").iterdir() if p.suffix.lower() in VIDEO_EXTENSIONS)
     std = latent_std(vae, videos)
     factor = 1.0 / (LATENT_SCALE * std)
     scale_latents(vae, factor)
