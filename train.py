@@ -4,14 +4,13 @@
     python train.py --data DIR --out DIR --vae vae.safetensors --config tiny|small|full|demo|FILE.json  # scratch
     torchrun --nproc_per_node 2 train.py ...      # DistributedDataParallel, NCCL on GPU, gloo on CPU
 
-One readable file: the epsilon-MSE loop, checkpoints, resume and logging live here; the clip stream
-(video folder -> clip, masks, global frames) comes from m3ddm/data.py, the models, masks and weights format
-from the rest of the package.
+One readable file, top to bottom: config (command line), data (the clip stream of m3ddm/data.py), model,
+objective (epsilon-MSE of the UNet, or the VAE's reconstruction + KL), the loop, checkpoints and resume, log.
+The models, masks and weights format come from the package.
 
-Randomness: every training sample n of rank r draws everything (video order aside) from its own generator,
-seeded from (--seed, stream, n * world_size + r): stride, start, crop, masks, guide case, condition
-dropout, VAE posterior sample, timestep and noise. The run is therefore a pure function of the seed and the
-sample counter, whatever the number of DataLoader workers, and resuming from a checkpoint is exact.
+Randomness: every sample draws everything (video order aside) from its own generator seeded from (--seed,
+sample number, rank), VAE posterior sample, timestep and noise included (m3ddm/data.py). The run is thus a pure
+function of the seed and the sample counter, whatever the number of DataLoader workers: resume is exact.
 
 Fixed reference bugs (spec training.md 1.3, 1.4, 1.8): clips are `start + k * stride` with room for every
 frame (never padded copies of the last frame); global frames can be masked so they never show the region to
@@ -20,10 +19,8 @@ generate (--mask-global-frames all, the default); both classifier-free-guidance 
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
-import time
 from contextlib import nullcontext
 from dataclasses import fields
 from pathlib import Path
@@ -34,15 +31,157 @@ import torch.nn.functional as F
 
 from m3ddm import masks as M
 from m3ddm import video
-from m3ddm.data import (TRAIN_STREAM, VAL_STREAM, ClipDataset, ClipSpec, clip_loader, find_videos, list_videos,
-                        split_videos)
+from m3ddm.checkpoint import STATE_FILE, latest_checkpoint, load_state, save_checkpoint, weights_filename
+from m3ddm.data import TRAIN_STREAM, VAL_STREAM, ClipDataset, ClipSpec, clip_loader, list_videos, split_videos
 from m3ddm.errors import UserError
+from m3ddm.runlog import RunLog
 from m3ddm.schedulers import NUM_TRAIN_TIMESTEPS, add_noise, alphas_cumprod
 from m3ddm.unet3d import UNET_PRESETS, UNet3D, UNet3DConfig
 from m3ddm.vae import VAE_PRESETS, AutoencoderKL, VAEConfig
-from m3ddm.weights import load_unet, load_vae, make_config, read_header, save_model, sha256_file
+from m3ddm.weights import config_from, load_unet, load_vae, read_header, sha256_file
 
-STATE_FILE = "trainer_state.pt"
+
+# ---------------------------------------------------------------------------------------------------
+# Config: the command line
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Train or fine-tune the M3DDM+ UNet (or a small VAE) on videos.")
+    a = p.add_argument
+    a("--data", required=True, help="folder of videos, searched recursively; with train/ (and val/) subfolders "
+                                    "those are the splits")
+    a("--out", required=True, help="output folder: unet.safetensors, checkpoint-*/, metrics.jsonl")
+    a("--target", choices=("unet", "vae"), default="unet", help="what to train (default unet)")
+    a("--config", help="UNet architecture for training from scratch: tiny|small|full|demo or FILE.json")
+    a("--init", help="m3ddm unet file to start from (fine-tuning; its config is used)")
+    a("--vae", help="m3ddm vae file (a converted SD-1.5 VAE for real training); required for --target unet")
+    a("--vae-config", default="tiny", help="--target vae: architecture trained from scratch, tiny|sd15|FILE.json")
+    a("--resume", help="continue a run exactly from a checkpoint folder or from the --out folder of a run")
+    a("--max-steps", type=int, default=1000, help="optimizer steps in total (default 1000)")
+    a("--batch-size", type=int, default=1, help="clips per micro-batch per process (default 1)")
+    a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    a("--lr", type=float, default=1e-5, help="AdamW learning rate (default 1e-5)")
+    a("--weight-decay", type=float, default=0.01)
+    a("--warmup-steps", type=int, default=0, help="linear warm-up, then constant (default 0)")
+    a("--grad-clip", type=float, default=1.0, help="max gradient norm, 0 = off (default 1.0)")
+    a("--size", type=int, default=128, help="square training resolution in pixels (default 128)")
+    a("--frames", type=int, default=16, help="frames per clip (default 16)")
+    a("--global-frames", type=int, default=16, help="global frames per video, 0 = none (default 16)")
+    a("--max-stride", type=int, default=30, help="largest frame stride of a clip (default 30)")
+    a("--crop", choices=("random", "center"), default="random",
+      help="random resized crop shared by the clip's frames (default), or the centre square")
+    a("--crop-scale", type=float, nargs=2, default=(0.08, 1.0), metavar=("MIN", "MAX"))
+    a("--mask-strategy", choices=M.MASK_STRATEGIES, default="m3ddm_plus")
+    a("--mask-global-frames", choices=M.GLOBAL_MASK_MODES, default="all",
+      help="which global frames are masked like the clip (reference: overlap; default all)")
+    a("--p-uncond-local", type=float, default=None,
+      help="probability of the unconditional local condition (default 0 with --init, 0.1 from scratch)")
+    a("--p-uncond-global", type=float, default=None,
+      help="probability of zero global latents (default 0 with --init, 0.1 from scratch)")
+    a("--recon-loss", choices=("l1", "mse"), default="l1", help="--target vae reconstruction loss")
+    a("--kl-weight", type=float, default=1e-6, help="--target vae KL weight (default 1e-6)")
+    a("--device", default="auto", help="auto (cuda if available, with torchrun cuda:LOCAL_RANK), cpu, cuda, cuda:N")
+    a("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+      help="autocast precision: auto = bf16 on CUDA, fp32 on CPU; fp16 uses a gradient scaler")
+    a("--gradient-checkpointing", action="store_true")
+    a("--attention", choices=("sdpa", "math"), default="sdpa")
+    a("--compile", action="store_true", help="torch.compile the model")
+    a("--ema", type=float, default=0.0, help="EMA decay, e.g. 0.9999; 0 = off (default)")
+    a("--vae-batch", type=int, default=16, help="images per VAE encode call")
+    a("--num-workers", type=int, default=2, help="DataLoader worker processes (default 2)")
+    a("--cache-videos", action="store_true",
+      help="decode each video once and keep its frames in memory (per worker): small datasets only")
+    a("--decode-short-side", type=int, default=0,
+      help="let ffmpeg downscale frames to this short side while decoding (0 = native; e.g. 2 x --size)")
+    a("--seed", type=int, default=6)
+    a("--log-every", type=int, default=10, help="progress line every N steps (non-TTY stderr)")
+    a("--log-data", action="store_true", help="record each rank's clips (video, start, stride) in metrics.jsonl")
+    a("--save-every", type=int, default=500, help="checkpoint every N steps, 0 = only at the end")
+    a("--keep-checkpoints", type=int, default=3, help="checkpoint folders kept, 0 = all")
+    a("--val-every", type=int, default=0, help="validation loss every N steps on the val split, 0 = off")
+    a("--val-clips", type=int, default=8, help="validation clips (fixed seeds, same every time)")
+    a("--val-data", help="validation videos when --data has no val/ subfolder")
+    a("--sample-every", type=int, default=0,
+      help="outpaint one fixed clip every N steps into OUT/samples/ (0 = off); --target unet only")
+    a("--sample-steps", type=int, default=25, help="PNDM steps of those samples (default 25)")
+    a("--eval-videos", nargs="+", metavar="VIDEO",
+      help="video files or folders: run evaluate.py (--method model, crop ratio 0.25) on them after each "
+           "checkpoint into OUT/eval/step-N/ and log its PSNR/SSIM to metrics.jsonl; --target unet only")
+    a("--eval-steps", type=int, default=25, help="sampler steps of that evaluation (default 25)")
+    a("--eval-frames", type=int, default=16, help="first N frames of each evaluation video (default 16)")
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    for name in ("max_steps", "batch_size", "grad_accum", "frames", "vae_batch"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}; "
+                            "give a positive number.")
+    if args.size % 64:
+        raise UserError(f"--size {args.size} is not a multiple of 64; give e.g. 64, 128 or 256.")
+    if args.frames < 2:
+        raise UserError(f"--frames must be at least 2, got {args.frames}.")
+    if args.global_frames < 0 or args.num_workers < 0:
+        raise UserError("--global-frames and --num-workers must not be negative; give 0 or more.")
+    if args.eval_videos:
+        if args.target != "unet":
+            raise UserError("--eval-videos evaluates an outpainting UNet; it needs --target unet.")
+        list_videos(args.eval_videos, "--eval-videos")  # files, or folders of videos (not searched recursively)
+        if args.eval_steps < 1 or args.eval_frames < 2:
+            raise UserError("--eval-steps must be at least 1 and --eval-frames at least 2.")
+    if args.target == "unet" and not args.vae:
+        raise UserError("--target unet needs --vae FILE (an m3ddm vae file, e.g. `python weights_convert.py vae "
+                        "SD15_VAE vae.safetensors`).")
+    if args.init and args.config:
+        raise UserError("give either --init FILE (fine-tune) or --config (train from scratch), not both.")
+    if args.target == "unet" and not (args.init or args.config or args.resume):
+        raise UserError("give --init FILE (fine-tune converted weights) or --config tiny|small|full|demo|FILE.json "
+                        "(train from scratch).")
+    for name in ("p_uncond_local", "p_uncond_global"):
+        if getattr(args, name) is not None and not 0.0 <= getattr(args, name) <= 1.0:
+            raise UserError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}.")
+    if args.target == "vae":
+        args.global_frames = 0  # a VAE trains on frames only
+    if args.crop_scale[0] <= 0 or args.crop_scale[0] > args.crop_scale[1] or args.crop_scale[1] > 1:
+        raise UserError(f"--crop-scale {args.crop_scale} is not 0 < MIN <= MAX <= 1; give e.g. 0.08 1.0.")
+
+
+# args that change the data stream or the model: a resumed run must use the same ones
+RESUME_FIXED = ("target", "batch_size", "grad_accum", "size", "frames", "global_frames", "max_stride", "crop",
+                "crop_scale", "mask_strategy", "mask_global_frames", "p_uncond_local", "p_uncond_global", "seed",
+                "ema")
+
+
+def setup_distributed(args):
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if args.device == "auto":
+        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() and world > 1 else
+                              "cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device} asks for CUDA, which is not available here; use --device cpu.")
+    if world > 1:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def autocast_for(args, device):
+    """(precision, autocast context): --precision auto is bf16 on CUDA and fp32 (no autocast) on CPU."""
+    precision = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+                 "auto": torch.bfloat16 if device.type == "cuda" else torch.float32}[args.precision]
+    return precision, torch.autocast(device.type, dtype=precision) if precision != torch.float32 else nullcontext()
+
+
+def fill_dropout_defaults(args, state):
+    """Condition dropout: the resumed run's values, else 0 when fine-tuning (as the reference), 0.1 from scratch."""
+    for name in ("p_uncond_local", "p_uncond_global"):
+        if getattr(args, name) is None:
+            setattr(args, name, state["args"][name] if state is not None else 0.0 if args.init else 0.1)
+
 
 # ---------------------------------------------------------------------------------------------------
 # Data (m3ddm/data.py: the video folder, clip sampling, crops, decoding, masks, the sample stream)
@@ -53,8 +192,76 @@ def clip_spec(args) -> ClipSpec:
     return ClipSpec(**{f.name: getattr(args, f.name) for f in fields(ClipSpec)})
 
 
+def make_loaders(args, train_videos, val_videos, rank, world, step, device):
+    """(training batches from sample step * clips-per-step on, validation batches or None, sample clip or None).
+
+    Validation clips and the sample clip are fixed (the validation stream's first samples), on rank 0 only."""
+    spec, per_step = clip_spec(args), args.batch_size * args.grad_accum
+    remaining = max(args.max_steps - step, 0)
+    loader = clip_loader(ClipDataset(train_videos, spec, TRAIN_STREAM, rank, world), args.batch_size,
+                         step * per_step, remaining * per_step, args.num_workers, pin_memory=device.type == "cuda")
+    val_loader = sample_item = None
+    if args.val_every and val_videos and rank == 0:
+        val_loader = clip_loader(ClipDataset(val_videos, spec, VAL_STREAM, 0, 1), args.batch_size, 0, args.val_clips)
+    if args.sample_every and args.target == "unet" and rank == 0:  # a fixed clip: the first one of the val stream
+        sample_item = ClipDataset(val_videos or train_videos, spec, VAL_STREAM, 0, 1)[0]
+        if "error" in sample_item:
+            raise UserError(f"sample clip: {sample_item['error']}.")
+    return loader, val_loader, sample_item
+
+
 # ---------------------------------------------------------------------------------------------------
-# Losses
+# Model
+
+
+def build_model(args, device, resume_dir):
+    """(trainable model, its config, sources metadata)."""
+    if args.target == "unet":
+        if resume_dir is not None:
+            path = resume_dir / "unet.safetensors"
+            model, sources = load_unet(path, device, torch.float32), [{"name": str(path), "sha256": sha256_file(path)}]
+        elif args.init:
+            kind, _, _ = read_header(args.init)
+            if kind != "unet":
+                raise UserError(f"--init {args.init} holds a {kind}, not a unet; give an m3ddm unet file.")
+            model = load_unet(args.init, device, torch.float32)
+            sources = [{"name": os.path.basename(args.init), "sha256": sha256_file(args.init)}]
+        else:
+            with torch.random.fork_rng(devices=[]):  # a reproducible init without touching the caller's RNG
+                torch.manual_seed(args.seed)
+                model, sources = UNet3D(config_from(args.config, UNET_PRESETS, UNet3DConfig, "--config")).to(device), []
+        model.gradient_checkpointing = args.gradient_checkpointing
+        model.set_attention(args.attention)
+    else:
+        if resume_dir is not None:
+            model = load_vae(resume_dir / "vae.safetensors", device, torch.float32)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(args.seed)
+                model = AutoencoderKL(config_from(args.vae_config, VAE_PRESETS, VAEConfig, "--vae-config")).to(device)
+        sources = []
+    return model.train(), model.config, sources
+
+
+def frozen_vae(args, device, precision):
+    vae = load_vae(args.vae, device, precision if device.type == "cuda" and precision != torch.float32 else
+                   torch.float32)
+    if vae.factor != 8:
+        raise UserError(f"--vae {args.vae} downsamples by {vae.factor}, the UNet needs a factor-8 VAE; "
+                        "give an SD-1.5-shaped VAE.")
+    return vae.eval().requires_grad_(False)
+
+
+def wrap_model(core, args, world, device):
+    """What the backward pass runs: core in DistributedDataParallel under torchrun, then torch.compile'd."""
+    if world > 1:
+        core = torch.nn.parallel.DistributedDataParallel(core, device_ids=[device.index] if device.type == "cuda"
+                                                         else None)
+    return torch.compile(core) if args.compile else core
+
+
+# ---------------------------------------------------------------------------------------------------
+# Objective
 
 
 def black_latent(vae, size, device, dtype):
@@ -143,22 +350,17 @@ class VAEObjective:
         return rec + self.o.kl_weight * kl
 
 
+def build_objective(args, model, device, precision, sources):
+    """(objective, the module its loss calls, the frozen VAE or None, sources + the VAE file's)."""
+    if args.target == "vae":
+        return VAEObjective(model, args, device), VAEWithLoss(model), None, sources
+    vae = frozen_vae(args, device, precision)
+    sources = sources + [{"name": os.path.basename(args.vae), "sha256": sha256_file(args.vae)}]
+    return UNetObjective(vae, args, device), model, vae, sources
+
+
 # ---------------------------------------------------------------------------------------------------
-# Model set-up, EMA, checkpoints
-
-
-def config_from(arg, presets, cls, flag):
-    """A preset name or a JSON file -> a model config (UNet3DConfig or VAEConfig)."""
-    if arg in presets:
-        return presets[arg]
-    path = Path(arg)
-    if path.suffix != ".json" or not path.is_file():
-        raise UserError(f"{flag} {arg} is neither a preset ({', '.join(sorted(presets))}) nor a JSON "
-                        "file; give a preset name or an existing .json config.")
-    try:
-        return make_config(cls, json.loads(path.read_text()))
-    except (ValueError, TypeError) as e:
-        raise UserError(f"{flag} {arg} is not a valid config ({e}); fix the JSON file.") from None
+# The loop
 
 
 class EMA:
@@ -177,267 +379,89 @@ class EMA:
                 self.shadow[k].copy_(v)
 
 
-def latest_checkpoint(folder):
-    folder = Path(folder)
-    if (folder / STATE_FILE).is_file():
-        return folder
-    found = sorted(p for p in folder.glob("checkpoint-*") if (p / STATE_FILE).is_file())
-    if not found:
-        raise UserError(f"--resume {folder} holds no checkpoint ({STATE_FILE} or checkpoint-*/); "
-                        "give a checkpoint folder or the --out folder of an earlier run.")
-    return found[-1]
+class Optimisation:
+    """AdamW with a linear warm-up, the fp16 gradient scaler and the EMA: one optimizer step, and their state."""
+
+    def __init__(self, model, args, device, precision, state=None):
+        self.model, self.grad_clip = model, args.grad_clip
+        self.ema = EMA(model, args.ema) if args.ema > 0 else None
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        warmup = args.warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
+        self.step = int(state["step"]) if state is not None else 0
+        if state is not None:
+            for name in ("optimizer", "scheduler", "scaler"):
+                getattr(self, name).load_state_dict(state[name])
+            if self.ema is not None:
+                self.ema.shadow = {k: v.to(device) for k, v in state["ema"].items()}
+
+    def update(self):
+        """Unscale and clip the gradients, step, advance the lr schedule and the EMA: (lr used, gradient norm)."""
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                   self.grad_clip if self.grad_clip > 0 else float("inf"))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.step += 1
+        return lr, float(grad_norm)
+
+    def state_dict(self):
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "ema": self.ema.shadow if self.ema is not None else {},
+                "step": self.step}
 
 
-def model_filename(target):
-    return "unet.safetensors" if target == "unet" else "vae.safetensors"
-
-
-def save_checkpoint(out, step, model, config, state, ema, args, sources):
-    """OUT/checkpoint-STEP/{model, ema model, trainer_state.pt} via a temporary folder renamed at the end; then
-    OUT/unet.safetensors (or vae.safetensors), itself written atomically. Older checkpoints beyond --keep."""
-    out = Path(out)
-    final = out / f"checkpoint-{step:07d}"
-    tmp = out / f".checkpoint-{step:07d}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    name = model_filename(args.target)
-    meta = {"sources": sources, "step": str(step), "trained_by": "m3ddm train.py"}
-    save_model(tmp / name, model.state_dict(), args.target, config, metadata=meta)
-    if ema is not None:
-        save_model(tmp / name.replace(".safetensors", "_ema.safetensors"), ema.shadow, args.target, config,
-                   metadata={**meta, "ema_decay": str(ema.decay)})
-    torch.save(state, tmp / STATE_FILE)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for f in final.glob("*.safetensors"):
-        shutil.copyfile(f, out / f".{f.name}.tmp")
-        os.replace(out / f".{f.name}.tmp", out / f.name)
-    if args.keep_checkpoints > 0:
-        for old in sorted(out.glob("checkpoint-*"))[:-args.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-# ---------------------------------------------------------------------------------------------------
-# Logging
-
-
-class Logger:
-    """Progress line on stderr (rank 0), metrics.jsonl in --out."""
-
-    def __init__(self, out, enabled, max_steps, resume_step):
-        self.enabled, self.max_steps = enabled, max_steps
-        self.path = Path(out) / "metrics.jsonl"
-        self.tty = sys.stderr.isatty()
-        self.t0, self.step0 = time.time(), resume_step
-        if enabled and self.path.exists():  # drop records after the resumed step (a crashed run's tail)
-            keep = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in keep))
-
-    def record(self, **rec):
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-
-    def progress(self, step, loss, lr, clips_per_s, final=False):
-        if not self.enabled:
-            return
-        rate = (step - self.step0) / max(time.time() - self.t0, 1e-9)
-        eta = (self.max_steps - step) / rate if rate > 0 else 0.0
-        line = (f"step {step}/{self.max_steps} loss {loss:.4f} lr {lr:.2e} clips/s {clips_per_s:.2f} "
-                f"ETA {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}")
-        end = "\n" if (final or not self.tty) else ""
-        print(("\r" if self.tty else "") + line, end=end, file=sys.stderr, flush=True)
-
-    def message(self, text):
-        if self.enabled:
-            print(("\n" if self.tty else "") + text, file=sys.stderr, flush=True)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Command line
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Train or fine-tune the M3DDM+ UNet (or a small VAE) on videos.")
-    a = p.add_argument
-    a("--data", required=True, help="folder of videos, searched recursively; with train/ (and val/) subfolders "
-                                    "those are the splits")
-    a("--out", required=True, help="output folder: unet.safetensors, checkpoint-*/, metrics.jsonl")
-    a("--target", choices=("unet", "vae"), default="unet", help="what to train (default unet)")
-    a("--config", help="UNet architecture for training from scratch: tiny|small|full|demo or FILE.json")
-    a("--init", help="m3ddm unet file to start from (fine-tuning; its config is used)")
-    a("--vae", help="m3ddm vae file (a converted SD-1.5 VAE for real training); required for --target unet")
-    a("--vae-config", default="tiny", help="--target vae: architecture trained from scratch, tiny|sd15|FILE.json")
-    a("--resume", help="continue a run exactly from a checkpoint folder or from the --out folder of a run")
-    a("--max-steps", type=int, default=1000, help="optimizer steps in total (default 1000)")
-    a("--batch-size", type=int, default=1, help="clips per micro-batch per process (default 1)")
-    a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
-    a("--lr", type=float, default=1e-5, help="AdamW learning rate (default 1e-5)")
-    a("--weight-decay", type=float, default=0.01)
-    a("--warmup-steps", type=int, default=0, help="linear warm-up, then constant (default 0)")
-    a("--grad-clip", type=float, default=1.0, help="max gradient norm, 0 = off (default 1.0)")
-    a("--size", type=int, default=128, help="square training resolution in pixels (default 128)")
-    a("--frames", type=int, default=16, help="frames per clip (default 16)")
-    a("--global-frames", type=int, default=16, help="global frames per video, 0 = none (default 16)")
-    a("--max-stride", type=int, default=30, help="largest frame stride of a clip (default 30)")
-    a("--crop", choices=("random", "center"), default="random",
-      help="random resized crop shared by the clip's frames (default), or the centre square")
-    a("--crop-scale", type=float, nargs=2, default=(0.08, 1.0), metavar=("MIN", "MAX"))
-    a("--mask-strategy", choices=M.MASK_STRATEGIES, default="m3ddm_plus")
-    a("--mask-global-frames", choices=M.GLOBAL_MASK_MODES, default="all",
-      help="which global frames are masked like the clip (reference: overlap; default all)")
-    a("--p-uncond-local", type=float, default=None,
-      help="probability of the unconditional local condition (default 0 with --init, 0.1 from scratch)")
-    a("--p-uncond-global", type=float, default=None,
-      help="probability of zero global latents (default 0 with --init, 0.1 from scratch)")
-    a("--recon-loss", choices=("l1", "mse"), default="l1", help="--target vae reconstruction loss")
-    a("--kl-weight", type=float, default=1e-6, help="--target vae KL weight (default 1e-6)")
-    a("--device", default="auto", help="auto (cuda if available, with torchrun cuda:LOCAL_RANK), cpu, cuda, cuda:N")
-    a("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-      help="autocast precision: auto = bf16 on CUDA, fp32 on CPU; fp16 uses a gradient scaler")
-    a("--gradient-checkpointing", action="store_true")
-    a("--attention", choices=("sdpa", "math"), default="sdpa")
-    a("--compile", action="store_true", help="torch.compile the model")
-    a("--ema", type=float, default=0.0, help="EMA decay, e.g. 0.9999; 0 = off (default)")
-    a("--vae-batch", type=int, default=16, help="images per VAE encode call")
-    a("--num-workers", type=int, default=2, help="DataLoader worker processes (default 2)")
-    a("--cache-videos", action="store_true",
-      help="decode each video once and keep its frames in memory (per worker): small datasets only")
-    a("--decode-short-side", type=int, default=0,
-      help="let ffmpeg downscale frames to this short side while decoding (0 = native; e.g. 2 x --size)")
-    a("--seed", type=int, default=6)
-    a("--log-every", type=int, default=10, help="progress line every N steps (non-TTY stderr)")
-    a("--log-data", action="store_true", help="record each rank's clips (video, start, stride) in metrics.jsonl")
-    a("--save-every", type=int, default=500, help="checkpoint every N steps, 0 = only at the end")
-    a("--keep-checkpoints", type=int, default=3, help="checkpoint folders kept, 0 = all")
-    a("--val-every", type=int, default=0, help="validation loss every N steps on the val split, 0 = off")
-    a("--val-clips", type=int, default=8, help="validation clips (fixed seeds, same every time)")
-    a("--val-data", help="validation videos when --data has no val/ subfolder")
-    a("--sample-every", type=int, default=0,
-      help="outpaint one fixed clip every N steps into OUT/samples/ (0 = off); --target unet only")
-    a("--sample-steps", type=int, default=25, help="PNDM steps of those samples (default 25)")
-    a("--eval-videos", nargs="+", metavar="VIDEO",
-      help="video files or folders: run evaluate.py (--method model, crop ratio 0.25) on them after each "
-           "checkpoint into OUT/eval/step-N/ and log its PSNR/SSIM to metrics.jsonl; --target unet only")
-    a("--eval-steps", type=int, default=25, help="sampler steps of that evaluation (default 25)")
-    a("--eval-frames", type=int, default=16, help="first N frames of each evaluation video (default 16)")
-    args = p.parse_args(argv)
-    return args
-
-
-def check_args(args):
-    for name in ("max_steps", "batch_size", "grad_accum", "frames", "vae_batch"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}; "
-                            "give a positive number.")
-    if args.size % 64:
-        raise UserError(f"--size {args.size} is not a multiple of 64; give e.g. 64, 128 or 256.")
-    if args.frames < 2:
-        raise UserError(f"--frames must be at least 2, got {args.frames}.")
-    if args.global_frames < 0 or args.num_workers < 0:
-        raise UserError("--global-frames and --num-workers must not be negative; give 0 or more.")
-    if args.eval_videos:
-        if args.target != "unet":
-            raise UserError("--eval-videos evaluates an outpainting UNet; it needs --target unet.")
-        list_videos(args.eval_videos, "--eval-videos")  # files, or folders of videos (not searched recursively)
-        if args.eval_steps < 1 or args.eval_frames < 2:
-            raise UserError("--eval-steps must be at least 1 and --eval-frames at least 2.")
-    if args.target == "unet" and not args.vae:
-        raise UserError("--target unet needs --vae FILE (an m3ddm vae file, e.g. `python weights_convert.py vae "
-                        "SD15_VAE vae.safetensors`).")
-    if args.init and args.config:
-        raise UserError("give either --init FILE (fine-tune) or --config (train from scratch), not both.")
-    if args.target == "unet" and not (args.init or args.config or args.resume):
-        raise UserError("give --init FILE (fine-tune converted weights) or --config tiny|small|full|demo|FILE.json "
-                        "(train from scratch).")
-    for name in ("p_uncond_local", "p_uncond_global"):
-        if getattr(args, name) is not None and not 0.0 <= getattr(args, name) <= 1.0:
-            raise UserError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}.")
-    if args.target == "vae":
-        args.global_frames = 0  # a VAE trains on frames only
-    if args.crop_scale[0] <= 0 or args.crop_scale[0] > args.crop_scale[1] or args.crop_scale[1] > 1:
-        raise UserError(f"--crop-scale {args.crop_scale} is not 0 < MIN <= MAX <= 1; give e.g. 0.08 1.0.")
-
-
-# args that change the data stream or the model: a resumed run must use the same ones
-RESUME_FIXED = ("target", "batch_size", "grad_accum", "size", "frames", "global_frames", "max_stride", "crop",
-                "crop_scale", "mask_strategy", "mask_global_frames", "p_uncond_local", "p_uncond_global", "seed",
-                "ema")
-
-
-# ---------------------------------------------------------------------------------------------------
-# Training
-
-
-def setup_distributed(args):
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if args.device == "auto":
-        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() and world > 1 else
-                              "cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device} asks for CUDA, which is not available here; use --device cpu.")
+def train_step(train_model, objective, batches, opt, args, world, autocast, log, skipped):
+    """One optimizer step over --grad-accum micro-batches: (loss averaged over ranks, grad norm, lr, clips drawn)."""
+    losses, drawn = [], []
+    for micro in range(args.grad_accum):
+        batch = next(batches)
+        for path, reason in batch["skipped"]:
+            if path not in skipped:
+                skipped.add(path)
+                log.message(f"warning: skipped {path} ({reason}); {len(skipped)} video(s) skipped so far")
+        if "error" in batch:
+            raise UserError(f"training data: {batch['error']}.")
+        sync = micro == args.grad_accum - 1 or world == 1
+        with (nullcontext() if sync or not hasattr(train_model, "no_sync") else train_model.no_sync()):
+            loss = objective.loss(train_model, batch, autocast)
+            opt.scaler.scale(loss / args.grad_accum).backward()
+        losses.append(loss.detach())
+        drawn += [[v, int(s), int(st)] for v, s, st in zip(batch["video"], batch["start"], batch["stride"])]
+    lr, grad_norm = opt.update()
+    loss = torch.stack(losses).mean()
     if world > 1:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
+        dist.all_reduce(loss)
+        loss /= world
+    return loss.item(), grad_norm, lr, drawn
 
 
-def build_model(args, device, resume_dir):
-    """(trainable model, its config, sources metadata)."""
-    if args.target == "unet":
-        if resume_dir is not None:
-            path = resume_dir / "unet.safetensors"
-            model, sources = load_unet(path, device, torch.float32), [{"name": str(path), "sha256": sha256_file(path)}]
-        elif args.init:
-            kind, _, _ = read_header(args.init)
-            if kind != "unet":
-                raise UserError(f"--init {args.init} holds a {kind}, not a unet; give an m3ddm unet file.")
-            model = load_unet(args.init, device, torch.float32)
-            sources = [{"name": os.path.basename(args.init), "sha256": sha256_file(args.init)}]
-        else:
-            with torch.random.fork_rng(devices=[]):  # a reproducible init without touching the caller's RNG
-                torch.manual_seed(args.seed)
-                model, sources = UNet3D(config_from(args.config, UNET_PRESETS, UNet3DConfig, "--config")).to(device), []
-        model.gradient_checkpointing = args.gradient_checkpointing
-        model.set_attention(args.attention)
-    else:
-        if resume_dir is not None:
-            model = load_vae(resume_dir / "vae.safetensors", device, torch.float32)
-        else:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(args.seed)
-                model = AutoencoderKL(config_from(args.vae_config, VAE_PRESETS, VAEConfig, "--vae-config")).to(device)
-        sources = []
-    return model.train(), model.config, sources
+def gather_clips(drawn, world):
+    """Every rank's clips of this step (video, start, stride), in rank order: --log-data."""
+    if world == 1:
+        return [drawn]
+    gathered = [None] * world
+    dist.all_gather_object(gathered, drawn)
+    return gathered
 
 
-def frozen_vae(args, device, precision):
-    vae = load_vae(args.vae, device, precision if device.type == "cuda" and precision != torch.float32 else
-                   torch.float32)
-    if vae.factor != 8:
-        raise UserError(f"--vae {args.vae} downsamples by {vae.factor}, the UNet needs a factor-8 VAE; "
-                        "give an SD-1.5-shaped VAE.")
-    return vae.eval().requires_grad_(False)
-
-
+@torch.no_grad()
 def run_validation(model, objective, val_loader, autocast):
-    if val_loader is None:
-        return None
+    """The mean loss of the fixed validation clips, in eval mode (their draws never touch the training stream)."""
     was_training = model.training
     model.eval()
     losses = []
-    with torch.no_grad():
-        for batch in val_loader:
-            if "error" in batch:
-                raise UserError(f"validation data: {batch['error']}.")
-            losses.append(objective.loss(model, batch, autocast).item())
+    for batch in val_loader:
+        if "error" in batch:
+            raise UserError(f"validation data: {batch['error']}.")
+        losses.append(objective.loss(model, batch, autocast).item())
     model.train(was_training)
     return sum(losses) / max(len(losses), 1)
 
@@ -470,6 +494,87 @@ def write_sample(path, unet, vae, item, args, device):
     unet.train(was_training)
 
 
+def train(args):
+    check_args(args)
+    rank, world, device = setup_distributed(args)
+    is_main = rank == 0
+    out = Path(args.out)
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    resume_dir, state = load_resume(args)
+    fill_dropout_defaults(args, state)
+    precision, autocast = autocast_for(args, device)
+    train_videos, val_videos = split_videos(args.data, args.val_data)
+    model, config, sources = build_model(args, device, resume_dir)
+    objective, core, vae, sources = build_objective(args, model, device, precision, sources)
+    opt = Optimisation(model, args, device, precision, state)
+    skipped = set(state["skipped"]) if state is not None else set()
+    train_model = wrap_model(core, args, world, device)
+    loader, val_loader, sample_item = make_loaders(args, train_videos, val_videos, rank, world, opt.step, device)
+    log = RunLog(out, is_main, args.max_steps, opt.step)
+    log_start(log, args, model, train_videos, val_videos, world, device, precision)
+
+    def checkpoint():
+        if is_main:
+            meta = {"sources": sources, "step": str(opt.step), "trained_by": "m3ddm train.py"}
+            ema = (opt.ema.shadow, opt.ema.decay) if opt.ema is not None else None
+            path = save_checkpoint(out, opt.step, args.target, model.state_dict(), config,
+                                   trainer_state(opt, args, world, skipped), meta, ema, args.keep_checkpoints)
+            log.message(f"checkpoint {path}")
+            if args.eval_videos and args.target == "unet":
+                result = run_evaluation(args, path / weights_filename(args.target), opt.step, device, log)
+                if result is not None:
+                    log.record(step=opt.step, eval=result)
+        if world > 1:
+            dist.barrier()
+
+    batches = iter(loader)
+    while opt.step < args.max_steps:
+        loss, grad_norm, lr, drawn = train_step(train_model, objective, batches, opt, args, world, autocast, log,
+                                                skipped)
+        step = opt.step
+        log_step(log, args, step, loss, lr, grad_norm, len(drawn) * world, len(skipped),
+                 gather_clips(drawn, world) if args.log_data else None)
+        if args.val_every and step % args.val_every == 0 and val_loader is not None:
+            val = run_validation(core, objective, val_loader, autocast)
+            log.record(step=step, val_loss=val)
+            log.message(f"step {step} validation loss {val:.4f}")
+        if args.sample_every and step % args.sample_every == 0 and sample_item is not None:
+            write_sample(out / "samples" / f"step-{step:07d}.mp4", model, vae, sample_item, args, device)
+        if step < args.max_steps and args.save_every and step % args.save_every == 0:
+            checkpoint()
+    checkpoint()
+    log.record(step=opt.step, done=True, skipped_videos=len(skipped))
+    if world > 1:
+        dist.destroy_process_group()
+    return out / weights_filename(args.target)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints (m3ddm/checkpoint.py stores and finds them): what is saved, resume, evaluation of a checkpoint
+
+
+def load_resume(args):
+    """(checkpoint folder, trainer state) of --resume, or (None, None); the data-stream options must not change."""
+    if not args.resume:
+        return None, None
+    resume_dir = latest_checkpoint(args.resume)
+    state = load_state(resume_dir)
+    changed = [k for k in RESUME_FIXED if getattr(args, k) is not None
+               and json.dumps(state["args"].get(k)) != json.dumps(getattr(args, k))]
+    if changed:
+        raise UserError(f"--resume: {', '.join('--' + k.replace('_', '-') for k in changed)} differ from the "
+                        "checkpoint's run; give the same values to continue it exactly.")
+    return resume_dir, state
+
+
+def trainer_state(opt, args, world, skipped):
+    """What resume needs besides the weights: optimizer, schedule, scaler, EMA, step, the run's args."""
+    return {**opt.state_dict(), "samples_per_rank": opt.step * args.batch_size * args.grad_accum,
+            "world_size": world, "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
+            "skipped": sorted(skipped)}
+
+
 EVAL_METRICS = ("psnr", "psnr_band", "ssim", "ssim_band")
 
 
@@ -497,167 +602,26 @@ def run_evaluation(args, unet_file, step, device, log):
     return result
 
 
-def train(args):
-    check_args(args)
-    rank, world, device = setup_distributed(args)
-    is_main = rank == 0
-    out = Path(args.out)
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
+# ---------------------------------------------------------------------------------------------------
+# Log
 
-    resume_dir, state = None, None
-    if args.resume:
-        resume_dir = latest_checkpoint(args.resume)
-        state = torch.load(resume_dir / STATE_FILE, map_location="cpu", weights_only=True)
-        changed = [k for k in RESUME_FIXED if getattr(args, k) is not None
-                   and json.dumps(state["args"].get(k)) != json.dumps(getattr(args, k))]
-        if changed:
-            raise UserError(f"--resume: {', '.join('--' + k.replace('_', '-') for k in changed)} differ from the "
-                            "checkpoint's run; give the same values to continue it exactly.")
 
-    # condition-dropout defaults: 0 when fine-tuning (as the reference), 0.1 from scratch
-    for name in ("p_uncond_local", "p_uncond_global"):
-        if getattr(args, name) is None:
-            setattr(args, name, state["args"][name] if state is not None else 0.0 if args.init else 0.1)
-    precision = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
-                 "auto": torch.bfloat16 if device.type == "cuda" else torch.float32}[args.precision]
-    autocast = (torch.autocast(device.type, dtype=precision) if precision != torch.float32 else nullcontext())
-
-    train_videos, val_videos = split_videos(args.data)
-    if args.val_data:
-        val_videos = find_videos(args.val_data)
-    model, config, sources = build_model(args, device, resume_dir)
-    if args.target == "unet":
-        vae = frozen_vae(args, device, precision)
-        sources = sources + [{"name": os.path.basename(args.vae), "sha256": sha256_file(args.vae)}]
-        objective = UNetObjective(vae, args, device)
-    else:
-        vae, objective = None, VAEObjective(model, args, device)
-    core = model if args.target == "unet" else VAEWithLoss(model)  # what the loss calls
-
-    ema = EMA(model, args.ema) if args.ema > 0 else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    warmup = args.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
-    step = 0
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        if ema is not None:
-            ema.shadow = {k: v.to(device) for k, v in state["ema"].items()}
-        step = int(state["step"])
-    skipped_seen = set(state["skipped"]) if state is not None else set()
-
-    train_model = core
-    if world > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            core, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:
-        train_model = torch.compile(train_model)
-
-    per_step = args.batch_size * args.grad_accum
-    remaining = max(args.max_steps - step, 0)
-    spec = clip_spec(args)
-    loader = clip_loader(ClipDataset(train_videos, spec, TRAIN_STREAM, rank, world), args.batch_size,
-                         step * per_step, remaining * per_step, args.num_workers, pin_memory=device.type == "cuda")
-    val_loader = None
-    if args.val_every and val_videos and is_main:
-        val_loader = clip_loader(ClipDataset(val_videos, spec, VAL_STREAM, 0, 1), args.batch_size, 0, args.val_clips)
-
-    sample_item = None
-    if args.sample_every and args.target == "unet" and is_main:  # a fixed clip: the first one of the val stream
-        sample_item = ClipDataset(val_videos or train_videos, spec, VAL_STREAM, 0, 1)[0]
-        if "error" in sample_item:
-            raise UserError(f"sample clip: {sample_item['error']}.")
-    log = Logger(out, is_main, args.max_steps, step)
+def log_start(log, args, model, train_videos, val_videos, world, device, precision):
     log.message(f"training {args.target} ({sum(p.numel() for p in model.parameters()):,} parameters) on "
                 f"{len(train_videos)} videos, {world} process(es), device {device}, precision {precision}, "
-                f"from step {step}")
+                f"from step {log.step0}")
     if args.val_every and not val_videos:
         log.message("no validation videos (no val/ folder and no --val-data): validation is off")
 
-    def checkpoint(at_step):
-        if is_main:
-            st = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                  "scaler": scaler.state_dict(), "ema": ema.shadow if ema is not None else {},
-                  "step": at_step, "samples_per_rank": at_step * per_step, "world_size": world,
-                  "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
-                  "skipped": sorted(skipped_seen)}
-            path = save_checkpoint(out, at_step, model, config, st, ema, args, sources)
-            log.message(f"checkpoint {path}")
-            if args.eval_videos and args.target == "unet":
-                result = run_evaluation(args, path / model_filename(args.target), at_step, device, log)
-                if result is not None:
-                    log.record(step=at_step, eval=result)
-        if world > 1:
-            dist.barrier()
 
-    batches = iter(loader)
-    t_last = time.time()
-    while step < args.max_steps:
-        losses, data_log = [], []
-        for micro in range(args.grad_accum):
-            batch = next(batches)
-            for path, reason in batch["skipped"]:
-                if path not in skipped_seen:
-                    skipped_seen.add(path)
-                    log.message(f"warning: skipped {path} ({reason}); {len(skipped_seen)} video(s) skipped so far")
-            if "error" in batch:
-                raise UserError(f"training data: {batch['error']}.")
-            sync = micro == args.grad_accum - 1 or world == 1
-            with (nullcontext() if sync or not hasattr(train_model, "no_sync") else train_model.no_sync()):
-                loss = objective.loss(train_model, batch, autocast)
-                scaler.scale(loss / args.grad_accum).backward()
-            losses.append(loss.detach())
-            data_log += [[v, int(s), int(st)] for v, s, st in zip(batch["video"], batch["start"], batch["stride"])]
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else
-                                                   float("inf"))
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
-        if ema is not None:
-            ema.update(model)
-        step += 1
-
-        loss_value = torch.stack(losses).mean()
-        if world > 1:
-            dist.all_reduce(loss_value)
-            loss_value /= world
-        gathered = None
-        if args.log_data:
-            gathered = [None] * world
-            if world > 1:
-                dist.all_gather_object(gathered, data_log)
-            else:
-                gathered = [data_log]
-        now = time.time()
-        clips_per_s = per_step * world / max(now - t_last, 1e-9)
-        t_last = now
-        rec = {"step": step, "loss": loss_value.item(), "lr": lr, "grad_norm": float(grad_norm),
-               "clips_per_s": clips_per_s, "elapsed_s": now - log.t0, "skipped_videos": len(skipped_seen)}
-        if gathered is not None:
-            rec["data"] = gathered
-        log.record(**rec)
-        if step % args.log_every == 0 or step == args.max_steps or step == 1:
-            log.progress(step, rec["loss"], lr, clips_per_s, final=step == args.max_steps)
-        if args.val_every and step % args.val_every == 0 and val_loader is not None:
-            val = run_validation(core, objective, val_loader, autocast)
-            log.record(step=step, val_loss=val)
-            log.message(f"step {step} validation loss {val:.4f}")
-        if args.sample_every and step % args.sample_every == 0 and is_main and sample_item is not None:
-            write_sample(out / "samples" / f"step-{step:07d}.mp4", model, vae, sample_item, args, device)
-        if step < args.max_steps and args.save_every and step % args.save_every == 0:
-            checkpoint(step)
-    checkpoint(step)
-    log.record(step=step, done=True, skipped_videos=len(skipped_seen))
-    if world > 1:
-        dist.destroy_process_group()
-    return out / model_filename(args.target)
+def log_step(log, args, step, loss, lr, grad_norm, clips, skipped, data=None):
+    """One optimizer step: a metrics.jsonl record (data: --log-data's clips), the progress line every --log-every."""
+    clips_per_s = clips / max(log.lap(), 1e-9)
+    rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "clips_per_s": clips_per_s,
+           "elapsed_s": log.elapsed(), "skipped_videos": skipped}
+    log.record(**rec, **({"data": data} if data is not None else {}))
+    if step % args.log_every == 0 or step == args.max_steps or step == 1:
+        log.progress(step, f"loss {loss:.4f} lr {lr:.2e} clips/s {clips_per_s:.2f}", final=step == args.max_steps)
 
 
 def main(argv=None):

@@ -83,8 +83,9 @@ def list_videos(inputs, option=None) -> list:
     return videos
 
 
-def split_videos(data):
-    """(train videos, val videos): DATA/train and DATA/val when DATA/train exists, else everything is train."""
+def split_videos(data, val_data=None):
+    """(train videos, val videos): DATA/train and DATA/val when DATA/train exists, else everything is train;
+    the videos under val_data (when given) are the validation videos."""
     data = Path(data)
     if not data.is_dir():
         raise UserError(f"--data {data} is not a folder; give a folder of videos (or with train/ and val/).")
@@ -95,7 +96,7 @@ def split_videos(data):
     if not train:
         raise UserError(f"no video files ({', '.join(video.VIDEO_EXTENSIONS)}) found under {data}; "
                         "give a folder that holds videos.")
-    return train, val
+    return train, find_videos(val_data) if val_data else val
 
 
 # ---------------------------------------------------------------------------------------------------
