@@ -4,13 +4,10 @@
     python train.py --data DIR --out DIR --vae vae.safetensors --config tiny|small|full|demo|FILE.json  # scratch
     torchrun --nproc_per_node 2 train.py ...      # DistributedDataParallel, NCCL on GPU, gloo on CPU
 
-One readable file, top to bottom: config (command line), data (the clip stream of m3ddm/data.py), model,
-objective (epsilon-MSE of the UNet, or the VAE's reconstruction + KL), the loop, checkpoints and resume, log.
-The models, masks and weights format come from the package.
-
-Randomness: every sample draws everything (video order aside) from its own generator seeded from (--seed,
-sample number, rank), VAE posterior sample, timestep and noise included (m3ddm/data.py). The run is thus a pure
-function of the seed and the sample counter, whatever the number of DataLoader workers: resume is exact.
+One file, top to bottom: config (the command line), data (the clip stream of m3ddm/data.py), model, objective
+(epsilon-MSE of the UNet, or the VAE's reconstruction + KL), the loop, checkpoints and resume, log. Randomness:
+each sample draws everything (video order aside; VAE posterior sample, timestep and noise included) from its own
+generator seeded from (--seed, sample number, rank), so a run is a pure function of the seed: resume is exact.
 
 Fixed reference bugs (spec training.md 1.3, 1.4, 1.8): clips are `start + k * stride` with room for every
 frame (never padded copies of the last frame); global frames can be masked so they never show the region to
@@ -31,10 +28,9 @@ import torch.nn.functional as F
 
 from m3ddm import masks as M
 from m3ddm import video
-from m3ddm.checkpoint import STATE_FILE, latest_checkpoint, load_state, save_checkpoint, weights_filename
+from m3ddm.training import EMA, STATE_FILE, RunLog, latest_checkpoint, load_state, save_checkpoint, weights_filename
 from m3ddm.data import TRAIN_STREAM, VAL_STREAM, ClipDataset, ClipSpec, clip_loader, list_videos, split_videos
 from m3ddm.errors import UserError
-from m3ddm.runlog import RunLog
 from m3ddm.schedulers import NUM_TRAIN_TIMESTEPS, add_noise, alphas_cumprod
 from m3ddm.unet3d import UNET_PRESETS, UNet3D, UNet3DConfig
 from m3ddm.vae import VAE_PRESETS, AutoencoderKL, VAEConfig
@@ -48,8 +44,7 @@ from m3ddm.weights import config_from, load_unet, load_vae, read_header, sha256_
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train or fine-tune the M3DDM+ UNet (or a small VAE) on videos.")
     a = p.add_argument
-    a("--data", required=True, help="folder of videos, searched recursively; with train/ (and val/) subfolders "
-                                    "those are the splits")
+    a("--data", required=True, help="folder of videos (recursive); its train/ and val/ subfolders are the splits")
     a("--out", required=True, help="output folder: unet.safetensors, checkpoint-*/, metrics.jsonl")
     a("--target", choices=("unet", "vae"), default="unet", help="what to train (default unet)")
     a("--config", help="UNet architecture for training from scratch: tiny|small|full|demo or FILE.json")
@@ -68,16 +63,13 @@ def parse_args(argv=None):
     a("--frames", type=int, default=16, help="frames per clip (default 16)")
     a("--global-frames", type=int, default=16, help="global frames per video, 0 = none (default 16)")
     a("--max-stride", type=int, default=30, help="largest frame stride of a clip (default 30)")
-    a("--crop", choices=("random", "center"), default="random",
-      help="random resized crop shared by the clip's frames (default), or the centre square")
+    a("--crop", choices=("random", "center"), default="random", help="a random resized crop of the clip (default)")
     a("--crop-scale", type=float, nargs=2, default=(0.08, 1.0), metavar=("MIN", "MAX"))
     a("--mask-strategy", choices=M.MASK_STRATEGIES, default="m3ddm_plus")
     a("--mask-global-frames", choices=M.GLOBAL_MASK_MODES, default="all",
-      help="which global frames are masked like the clip (reference: overlap; default all)")
-    a("--p-uncond-local", type=float, default=None,
-      help="probability of the unconditional local condition (default 0 with --init, 0.1 from scratch)")
-    a("--p-uncond-global", type=float, default=None,
-      help="probability of zero global latents (default 0 with --init, 0.1 from scratch)")
+      help="which global frames are masked like the clip (default all; the reference: overlap)")
+    a("--p-uncond-local", type=float, help="P(unconditional local condition): 0 with --init, else 0.1")
+    a("--p-uncond-global", type=float, help="P(zero global latents): 0 with --init, else 0.1")
     a("--recon-loss", choices=("l1", "mse"), default="l1", help="--target vae reconstruction loss")
     a("--kl-weight", type=float, default=1e-6, help="--target vae KL weight (default 1e-6)")
     a("--device", default="auto", help="auto (cuda if available, with torchrun cuda:LOCAL_RANK), cpu, cuda, cuda:N")
@@ -89,8 +81,7 @@ def parse_args(argv=None):
     a("--ema", type=float, default=0.0, help="EMA decay, e.g. 0.9999; 0 = off (default)")
     a("--vae-batch", type=int, default=16, help="images per VAE encode call")
     a("--num-workers", type=int, default=2, help="DataLoader worker processes (default 2)")
-    a("--cache-videos", action="store_true",
-      help="decode each video once and keep its frames in memory (per worker): small datasets only")
+    a("--cache-videos", action="store_true", help="keep each decoded video in memory (per worker): small datasets")
     a("--decode-short-side", type=int, default=0,
       help="let ffmpeg downscale frames to this short side while decoding (0 = native; e.g. 2 x --size)")
     a("--seed", type=int, default=6)
@@ -101,8 +92,7 @@ def parse_args(argv=None):
     a("--val-every", type=int, default=0, help="validation loss every N steps on the val split, 0 = off")
     a("--val-clips", type=int, default=8, help="validation clips (fixed seeds, same every time)")
     a("--val-data", help="validation videos when --data has no val/ subfolder")
-    a("--sample-every", type=int, default=0,
-      help="outpaint one fixed clip every N steps into OUT/samples/ (0 = off); --target unet only")
+    a("--sample-every", type=int, default=0, help="outpaint a fixed clip every N steps into OUT/samples/ (0 = off)")
     a("--sample-steps", type=int, default=25, help="PNDM steps of those samples (default 25)")
     a("--eval-videos", nargs="+", metavar="VIDEO",
       help="video files or folders: run evaluate.py (--method model, crop ratio 0.25) on them after each "
@@ -176,13 +166,6 @@ def autocast_for(args, device):
     return precision, torch.autocast(device.type, dtype=precision) if precision != torch.float32 else nullcontext()
 
 
-def fill_dropout_defaults(args, state):
-    """Condition dropout: the resumed run's values, else 0 when fine-tuning (as the reference), 0.1 from scratch."""
-    for name in ("p_uncond_local", "p_uncond_global"):
-        if getattr(args, name) is None:
-            setattr(args, name, state["args"][name] if state is not None else 0.0 if args.init else 0.1)
-
-
 # ---------------------------------------------------------------------------------------------------
 # Data (m3ddm/data.py: the video folder, clip sampling, crops, decoding, masks, the sample stream)
 
@@ -193,9 +176,8 @@ def clip_spec(args) -> ClipSpec:
 
 
 def make_loaders(args, train_videos, val_videos, rank, world, step, device):
-    """(training batches from sample step * clips-per-step on, validation batches or None, sample clip or None).
-
-    Validation clips and the sample clip are fixed (the validation stream's first samples), on rank 0 only."""
+    """(training batches from sample step * clips-per-step on, validation batches or None, sample clip or None);
+    the validation clips and the sample clip are fixed (the validation stream's first samples), on rank 0 only."""
     spec, per_step = clip_spec(args), args.batch_size * args.grad_accum
     remaining = max(args.max_steps - step, 0)
     loader = clip_loader(ClipDataset(train_videos, spec, TRAIN_STREAM, rank, world), args.batch_size,
@@ -232,24 +214,14 @@ def build_model(args, device, resume_dir):
                 model, sources = UNet3D(config_from(args.config, UNET_PRESETS, UNet3DConfig, "--config")).to(device), []
         model.gradient_checkpointing = args.gradient_checkpointing
         model.set_attention(args.attention)
+    elif resume_dir is not None:
+        model, sources = load_vae(resume_dir / "vae.safetensors", device, torch.float32), []
     else:
-        if resume_dir is not None:
-            model = load_vae(resume_dir / "vae.safetensors", device, torch.float32)
-        else:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(args.seed)
-                model = AutoencoderKL(config_from(args.vae_config, VAE_PRESETS, VAEConfig, "--vae-config")).to(device)
-        sources = []
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(args.seed)
+            model, sources = AutoencoderKL(config_from(args.vae_config, VAE_PRESETS, VAEConfig, "--vae-config")), []
+        model = model.to(device)
     return model.train(), model.config, sources
-
-
-def frozen_vae(args, device, precision):
-    vae = load_vae(args.vae, device, precision if device.type == "cuda" and precision != torch.float32 else
-                   torch.float32)
-    if vae.factor != 8:
-        raise UserError(f"--vae {args.vae} downsamples by {vae.factor}, the UNet needs a factor-8 VAE; "
-                        "give an SD-1.5-shaped VAE.")
-    return vae.eval().requires_grad_(False)
 
 
 def wrap_model(core, args, world, device):
@@ -351,32 +323,19 @@ class VAEObjective:
 
 
 def build_objective(args, model, device, precision, sources):
-    """(objective, the module its loss calls, the frozen VAE or None, sources + the VAE file's)."""
+    """(objective, the module its loss calls, the frozen VAE (in the autocast dtype on CUDA) or None, sources)."""
     if args.target == "vae":
         return VAEObjective(model, args, device), VAEWithLoss(model), None, sources
-    vae = frozen_vae(args, device, precision)
+    vae = load_vae(args.vae, device, precision if device.type == "cuda" else torch.float32).eval().requires_grad_(False)
+    if vae.factor != 8:
+        raise UserError(f"--vae {args.vae} downsamples by {vae.factor}, the UNet needs a factor-8 VAE; "
+                        "give an SD-1.5-shaped VAE.")
     sources = sources + [{"name": os.path.basename(args.vae), "sha256": sha256_file(args.vae)}]
     return UNetObjective(vae, args, device), model, vae, sources
 
 
 # ---------------------------------------------------------------------------------------------------
 # The loop
-
-
-class EMA:
-    """Exponential moving average of all parameters and floating buffers, kept in fp32."""
-
-    def __init__(self, model, decay):
-        self.decay = decay
-        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
-
-    @torch.no_grad()
-    def update(self, model):
-        for k, v in model.state_dict().items():
-            if v.is_floating_point():
-                self.shadow[k].lerp_(v.float(), 1.0 - self.decay)
-            else:
-                self.shadow[k].copy_(v)
 
 
 class Optimisation:
@@ -419,7 +378,8 @@ class Optimisation:
 
 
 def train_step(train_model, objective, batches, opt, args, world, autocast, log, skipped):
-    """One optimizer step over --grad-accum micro-batches: (loss averaged over ranks, grad norm, lr, clips drawn)."""
+    """One optimizer step over --grad-accum micro-batches: (loss averaged over ranks, grad norm, lr, every rank's
+    clips (video, start, stride))."""
     losses, drawn = [], []
     for micro in range(args.grad_accum):
         batch = next(batches)
@@ -440,16 +400,10 @@ def train_step(train_model, objective, batches, opt, args, world, autocast, log,
     if world > 1:
         dist.all_reduce(loss)
         loss /= world
-    return loss.item(), grad_norm, lr, drawn
-
-
-def gather_clips(drawn, world):
-    """Every rank's clips of this step (video, start, stride), in rank order: --log-data."""
-    if world == 1:
-        return [drawn]
-    gathered = [None] * world
-    dist.all_gather_object(gathered, drawn)
-    return gathered
+    clips = [drawn] * world  # --log-data: every rank's clips in rank order (a collective: every rank calls it)
+    if args.log_data and world > 1:
+        dist.all_gather_object(clips, drawn)
+    return loss.item(), grad_norm, lr, clips
 
 
 @torch.no_grad()
@@ -497,12 +451,10 @@ def write_sample(path, unet, vae, item, args, device):
 def train(args):
     check_args(args)
     rank, world, device = setup_distributed(args)
-    is_main = rank == 0
-    out = Path(args.out)
+    is_main, out = rank == 0, Path(args.out)
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
     resume_dir, state = load_resume(args)
-    fill_dropout_defaults(args, state)
     precision, autocast = autocast_for(args, device)
     train_videos, val_videos = split_videos(args.data, args.val_data)
     model, config, sources = build_model(args, device, resume_dir)
@@ -517,9 +469,8 @@ def train(args):
     def checkpoint():
         if is_main:
             meta = {"sources": sources, "step": str(opt.step), "trained_by": "m3ddm train.py"}
-            ema = (opt.ema.shadow, opt.ema.decay) if opt.ema is not None else None
             path = save_checkpoint(out, opt.step, args.target, model.state_dict(), config,
-                                   trainer_state(opt, args, world, skipped), meta, ema, args.keep_checkpoints)
+                                   trainer_state(opt, args, world, skipped), meta, opt.ema, args.keep_checkpoints)
             log.message(f"checkpoint {path}")
             if args.eval_videos and args.target == "unet":
                 result = run_evaluation(args, path / weights_filename(args.target), opt.step, device, log)
@@ -530,15 +481,13 @@ def train(args):
 
     batches = iter(loader)
     while opt.step < args.max_steps:
-        loss, grad_norm, lr, drawn = train_step(train_model, objective, batches, opt, args, world, autocast, log,
+        loss, grad_norm, lr, clips = train_step(train_model, objective, batches, opt, args, world, autocast, log,
                                                 skipped)
         step = opt.step
-        log_step(log, args, step, loss, lr, grad_norm, len(drawn) * world, len(skipped),
-                 gather_clips(drawn, world) if args.log_data else None)
+        log.step(step, loss, lr, grad_norm, sum(map(len, clips)), len(skipped), args.log_every,
+                 clips if args.log_data else None)
         if args.val_every and step % args.val_every == 0 and val_loader is not None:
-            val = run_validation(core, objective, val_loader, autocast)
-            log.record(step=step, val_loss=val)
-            log.message(f"step {step} validation loss {val:.4f}")
+            log.validation(step, run_validation(core, objective, val_loader, autocast))
         if args.sample_every and step % args.sample_every == 0 and sample_item is not None:
             write_sample(out / "samples" / f"step-{step:07d}.mp4", model, vae, sample_item, args, device)
         if step < args.max_steps and args.save_every and step % args.save_every == 0:
@@ -551,20 +500,22 @@ def train(args):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Checkpoints (m3ddm/checkpoint.py stores and finds them): what is saved, resume, evaluation of a checkpoint
+# Checkpoints (m3ddm/training.py stores and finds them): what is saved, resume, evaluation of a checkpoint
 
 
 def load_resume(args):
-    """(checkpoint folder, trainer state) of --resume, or (None, None); the data-stream options must not change."""
-    if not args.resume:
-        return None, None
-    resume_dir = latest_checkpoint(args.resume)
-    state = load_state(resume_dir)
-    changed = [k for k in RESUME_FIXED if getattr(args, k) is not None
+    """(checkpoint folder, trainer state) of --resume, or (None, None); the data-stream options must not change.
+    Unset condition-dropout options: the resumed run's, else 0 when fine-tuning (as the reference), 0.1 from scratch."""
+    resume_dir = latest_checkpoint(args.resume) if args.resume else None
+    state = load_state(resume_dir) if resume_dir else None
+    changed = [k for k in RESUME_FIXED if state and getattr(args, k) is not None
                and json.dumps(state["args"].get(k)) != json.dumps(getattr(args, k))]
     if changed:
         raise UserError(f"--resume: {', '.join('--' + k.replace('_', '-') for k in changed)} differ from the "
                         "checkpoint's run; give the same values to continue it exactly.")
+    for name in ("p_uncond_local", "p_uncond_global"):
+        if getattr(args, name) is None:
+            setattr(args, name, state["args"][name] if state is not None else 0.0 if args.init else 0.1)
     return resume_dir, state
 
 
@@ -612,16 +563,6 @@ def log_start(log, args, model, train_videos, val_videos, world, device, precisi
                 f"from step {log.step0}")
     if args.val_every and not val_videos:
         log.message("no validation videos (no val/ folder and no --val-data): validation is off")
-
-
-def log_step(log, args, step, loss, lr, grad_norm, clips, skipped, data=None):
-    """One optimizer step: a metrics.jsonl record (data: --log-data's clips), the progress line every --log-every."""
-    clips_per_s = clips / max(log.lap(), 1e-9)
-    rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "clips_per_s": clips_per_s,
-           "elapsed_s": log.elapsed(), "skipped_videos": skipped}
-    log.record(**rec, **({"data": data} if data is not None else {}))
-    if step % args.log_every == 0 or step == args.max_steps or step == 1:
-        log.progress(step, f"loss {loss:.4f} lr {lr:.2e} clips/s {clips_per_s:.2f}", final=step == args.max_steps)
 
 
 def main(argv=None):

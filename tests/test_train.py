@@ -68,16 +68,16 @@ def losses(out):
 # options -> data, condition dropout
 
 
-def make_args(extra=()):
-    args = T.parse_args(["--data", "x", "--out", "y", "--vae", "v", *TINY, *extra])
+def make_args(vae_file, extra=()):
+    args = T.parse_args(["--data", "x", "--out", "y", "--vae", str(vae_file), *TINY, *extra])
     T.check_args(args)
     args.p_uncond_local = args.p_uncond_local if args.p_uncond_local is not None else 0.0
     args.p_uncond_global = args.p_uncond_global if args.p_uncond_global is not None else 0.0
     return args
 
 
-def test_data_options_become_the_clip_spec():
-    args = make_args(["--crop", "center", "--max-stride", "4", "--p-uncond-local", "0.2", "--decode-short-side", "96"])
+def test_data_options_become_the_clip_spec(vae_file):
+    args = make_args(vae_file, ["--crop", "center", "--max-stride", "4", "--p-uncond-local", "0.2", "--decode-short-side", "96"])
     assert T.clip_spec(args) == D.ClipSpec(
         size=64, frames=8, global_frames=2, max_stride=4, crop="center", crop_scale=(0.08, 1.0),
         mask_strategy="m3ddm_plus", mask_global_frames="all", p_uncond_local=0.2, p_uncond_global=0.0, seed=6,
@@ -85,7 +85,7 @@ def test_data_options_become_the_clip_spec():
 
 
 def test_condition_dropout_inputs(small_videos, vae_file, one_thread):
-    args = make_args(["--global-frames", "2"])
+    args = make_args(vae_file, ["--global-frames", "2"])
     vae = load_vae(vae_file).requires_grad_(False)
     obj = T.UNetObjective(vae, args, torch.device("cpu"))
     ds = D.ClipDataset([str(small_videos / "city40.mp4")], T.clip_spec(args))
@@ -272,3 +272,4 @@ def test_eval_videos_cli_errors_before_training(tmp_path, small_videos, vae_file
     assert T.main([*common, "--target", "vae", "--eval-videos", str(small_videos)]) == 2
     assert "needs --target unet" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # nothing trained, nothing written
+

@@ -1,11 +1,11 @@
-"""m3ddm/checkpoint.py and m3ddm/runlog.py: a training run's folder (checkpoints, metrics.jsonl, progress)."""
+"""m3ddm/training.py: a training run's checkpoints, EMA and log (metrics.jsonl, the progress line)."""
 import json
 
 import pytest
 import torch
 
-from m3ddm import checkpoint as C
-from m3ddm.runlog import RunLog
+from m3ddm import training as C
+from m3ddm.training import EMA, RunLog
 from m3ddm.unet3d import UNET_PRESETS, UNet3D
 from m3ddm.weights import load_unet, read_header
 
@@ -18,10 +18,10 @@ def tiny_unet():
 
 def test_checkpoints_are_complete_pruned_and_found_again(tmp_path, tiny_unet):
     sd, config = tiny_unet.state_dict(), tiny_unet.config
-    ema = {k: v.float() + 1 for k, v in sd.items()}
+    ema = EMA(tiny_unet, 0.9)
     for step in (2, 4, 6):
         path = C.save_checkpoint(tmp_path, step, "unet", sd, config, {"step": step, "args": {"lr": 1e-3}},
-                                 {"sources": [], "step": str(step)}, ema=(ema, 0.9), keep=2)
+                                 {"sources": [], "step": str(step)}, ema=ema, keep=2)
         assert path == tmp_path / f"checkpoint-{step:07d}"
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-0000004", "checkpoint-0000006"]
     assert not list(tmp_path.glob(".*"))  # no temporary folder or file is left
@@ -60,3 +60,27 @@ def test_run_log_drops_a_crashed_runs_tail_and_shows_progress(tmp_path, capsys):
     quiet.progress(1, "x")
     quiet.message("y")
     assert not (tmp_path / "other").exists() and capsys.readouterr().err == ""
+
+
+def test_ema_follows_the_weights_in_fp32(tiny_unet):
+    model = torch.nn.Linear(2, 2)
+    model.register_buffer("count", torch.tensor(3))
+    ema = EMA(model, 0.5)
+    with torch.no_grad():
+        model.weight.add_(2.0)
+        model.count += 1
+    before = ema.shadow["weight"].clone()
+    ema.update(model)
+    assert torch.allclose(ema.shadow["weight"], before + 1.0) and ema.shadow["count"] == 4
+    assert all(v.dtype == torch.float32 for k, v in ema.shadow.items() if k != "count")
+
+
+def test_run_log_step_records_and_shows_progress_every_n(tmp_path, capsys):
+    log = RunLog(tmp_path, True, 4)
+    for step in range(1, 5):
+        log.step(step, 0.5, 1e-3, 2.0, 8, 0, every=3, data=[[["a.mp4", 0, 1]]] if step == 2 else None)
+    recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2, 3, 4] and "data" in recs[1] and "data" not in recs[0]
+    assert set(recs[0]) == {"step", "loss", "lr", "grad_norm", "clips_per_s", "elapsed_s", "skipped_videos"}
+    shown = [line.split()[1] for line in capsys.readouterr().err.splitlines()]
+    assert shown == ["1/4", "3/4", "4/4"]  # the first, every 3rd and the last step
