@@ -15,6 +15,7 @@ generate (--mask-global-frames all, the default); both classifier-free-guidance 
 """
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -28,10 +29,10 @@ import torch.nn.functional as F
 
 from m3ddm import masks as M
 from m3ddm import video
-from m3ddm.training import EMA, STATE_FILE, RunLog, latest_checkpoint, load_state, save_checkpoint, weights_filename
 from m3ddm.data import TRAIN_STREAM, VAL_STREAM, ClipDataset, ClipSpec, clip_loader, list_videos, split_videos
 from m3ddm.errors import UserError
 from m3ddm.schedulers import NUM_TRAIN_TIMESTEPS, add_noise, alphas_cumprod
+from m3ddm.training import EMA, STATE_FILE, RunLog, latest_checkpoint, load_state, save_checkpoint, weights_filename
 from m3ddm.unet3d import UNET_PRESETS, UNet3D, UNet3DConfig
 from m3ddm.vae import VAE_PRESETS, AutoencoderKL, VAEConfig
 from m3ddm.weights import config_from, load_unet, load_vae, read_header, sha256_file
@@ -55,21 +56,21 @@ def parse_args(argv=None):
     a("--max-steps", type=int, default=1000, help="optimizer steps in total (default 1000)")
     a("--batch-size", type=int, default=1, help="clips per micro-batch per process (default 1)")
     a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
-    a("--lr", type=float, default=1e-5, help="AdamW learning rate (default 1e-5)")
+    a("--lr", type=float, default=1e-5, help="AdamW learning rate, > 0 (default 1e-5)")
     a("--weight-decay", type=float, default=0.01)
     a("--warmup-steps", type=int, default=0, help="linear warm-up, then constant (default 0)")
     a("--grad-clip", type=float, default=1.0, help="max gradient norm, 0 = off (default 1.0)")
-    a("--size", type=int, default=128, help="square training resolution in pixels (default 128)")
-    a("--frames", type=int, default=16, help="frames per clip (default 16)")
+    a("--size", type=int, default=128, help="square training resolution in pixels, a multiple of 64 (default 128)")
+    a("--frames", type=int, default=16, help="frames per clip, at least 2 (default 16)")
     a("--global-frames", type=int, default=16, help="global frames per video, 0 = none (default 16)")
-    a("--max-stride", type=int, default=30, help="largest frame stride of a clip (default 30)")
+    a("--max-stride", type=int, default=30, help="largest frame stride of a clip, at least 1 (default 30)")
     a("--crop", choices=("random", "center"), default="random", help="a random resized crop of the clip (default)")
     a("--crop-scale", type=float, nargs=2, default=(0.08, 1.0), metavar=("MIN", "MAX"))
     a("--mask-strategy", choices=M.MASK_STRATEGIES, default="m3ddm_plus")
     a("--mask-global-frames", choices=M.GLOBAL_MASK_MODES, default="all",
       help="which global frames are masked like the clip (default all; the reference: overlap)")
-    a("--p-uncond-local", type=float, help="P(unconditional local condition): 0 with --init, else 0.1")
-    a("--p-uncond-global", type=float, help="P(zero global latents): 0 with --init, else 0.1")
+    a("--p-uncond-local", type=float, help="P(unconditional local condition) in [0, 1]: 0 with --init, else 0.1")
+    a("--p-uncond-global", type=float, help="P(zero global latents) in [0, 1]: 0 with --init, else 0.1")
     a("--recon-loss", choices=("l1", "mse"), default="l1", help="--target vae reconstruction loss")
     a("--kl-weight", type=float, default=1e-6, help="--target vae KL weight (default 1e-6)")
     a("--device", default="auto", help="auto (cuda if available, with torchrun cuda:LOCAL_RANK), cpu, cuda, cuda:N")
@@ -78,7 +79,7 @@ def parse_args(argv=None):
     a("--gradient-checkpointing", action="store_true")
     a("--attention", choices=("sdpa", "math"), default="sdpa")
     a("--compile", action="store_true", help="torch.compile the model")
-    a("--ema", type=float, default=0.0, help="EMA decay, e.g. 0.9999; 0 = off (default)")
+    a("--ema", type=float, default=0.0, help="EMA decay in [0, 1), e.g. 0.9999; 0 = off (default)")
     a("--vae-batch", type=int, default=16, help="images per VAE encode call")
     a("--num-workers", type=int, default=2, help="DataLoader worker processes (default 2)")
     a("--cache-videos", action="store_true", help="keep each decoded video in memory (per worker): small datasets")
@@ -93,47 +94,61 @@ def parse_args(argv=None):
     a("--val-clips", type=int, default=8, help="validation clips (fixed seeds, same every time)")
     a("--val-data", help="validation videos when --data has no val/ subfolder")
     a("--sample-every", type=int, default=0, help="outpaint a fixed clip every N steps into OUT/samples/ (0 = off)")
-    a("--sample-steps", type=int, default=25, help="PNDM steps of those samples (default 25)")
+    a("--sample-steps", type=int, default=25, help="PNDM steps of those samples, at least 2 (default 25)")
     a("--eval-videos", nargs="+", metavar="VIDEO",
       help="video files or folders: run evaluate.py (--method model, crop ratio 0.25) on them after each "
            "checkpoint into OUT/eval/step-N/ and log its PSNR/SSIM to metrics.jsonl; --target unet only")
-    a("--eval-steps", type=int, default=25, help="sampler steps of that evaluation (default 25)")
+    a("--eval-steps", type=int, default=25, help="PNDM steps of that evaluation, at least 2 (default 25)")
     a("--eval-frames", type=int, default=16, help="first N frames of each evaluation video (default 16)")
     return p.parse_args(argv)
 
 
+# the least value of each whole-number option (--size: a positive multiple of 64)
+AT_LEAST = {"max_steps": 1, "batch_size": 1, "grad_accum": 1, "frames": 2, "global_frames": 0, "max_stride": 1,
+            "vae_batch": 1, "num_workers": 0, "decode_short_side": 0, "warmup_steps": 0, "log_every": 1,
+            "save_every": 0, "keep_checkpoints": 0, "val_every": 0, "val_clips": 1, "sample_every": 0,
+            "sample_steps": 2, "eval_steps": 2, "eval_frames": 2}
+# the rule of each real-valued option, which must also be finite
+RULES = {"lr": ("> 0", lambda v: v > 0), "weight_decay": (">= 0", lambda v: v >= 0),
+         "ema": ("in [0, 1)", lambda v: 0 <= v < 1), "grad_clip": (">= 0", lambda v: v >= 0),
+         "kl_weight": (">= 0", lambda v: v >= 0), "p_uncond_local": ("in [0, 1]", lambda v: 0 <= v <= 1),
+         "p_uncond_global": ("in [0, 1]", lambda v: 0 <= v <= 1)}
+
+
 def check_args(args):
-    for name in ("max_steps", "batch_size", "grad_accum", "frames", "vae_batch"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}; "
-                            "give a positive number.")
-    if args.size % 64:
-        raise UserError(f"--size {args.size} is not a multiple of 64; give e.g. 64, 128 or 256.")
-    if args.frames < 2:
-        raise UserError(f"--frames must be at least 2, got {args.frames}.")
-    if args.global_frames < 0 or args.num_workers < 0:
-        raise UserError("--global-frames and --num-workers must not be negative; give 0 or more.")
+    """Every input, before anything is loaded or written: one UserError naming the option."""
+    for name, low in AT_LEAST.items():
+        if getattr(args, name) < low:
+            raise UserError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}.")
+    if args.size < 64 or args.size % 64:
+        raise UserError(f"--size {args.size} is not a positive multiple of 64; give e.g. 64, 128 or 256.")
+    for name, (rule, ok) in RULES.items():
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and ok(value)):
+            raise UserError(f"--{name.replace('_', '-')} {value} is invalid; give a number {rule}.")
+    if args.crop_scale[0] <= 0 or args.crop_scale[0] > args.crop_scale[1] or args.crop_scale[1] > 1:
+        raise UserError(f"--crop-scale {args.crop_scale} is not 0 < MIN <= MAX <= 1; give e.g. 0.08 1.0.")
     if args.eval_videos:
         if args.target != "unet":
             raise UserError("--eval-videos evaluates an outpainting UNet; it needs --target unet.")
         list_videos(args.eval_videos, "--eval-videos")  # files, or folders of videos (not searched recursively)
-        if args.eval_steps < 1 or args.eval_frames < 2:
-            raise UserError("--eval-steps must be at least 1 and --eval-frames at least 2.")
     if args.target == "unet" and not args.vae:
         raise UserError("--target unet needs --vae FILE (an m3ddm vae file, e.g. `python weights_convert.py vae "
                         "SD15_VAE vae.safetensors`).")
     if args.init and args.config:
         raise UserError("give either --init FILE (fine-tune) or --config (train from scratch), not both.")
+    for flag, path in (("--vae", args.vae), ("--init", args.init)):
+        if path and not Path(path).is_file():
+            raise UserError(f"{flag} {path} does not exist; give an m3ddm .safetensors file.")
     if args.target == "unet" and not (args.init or args.config or args.resume):
         raise UserError("give --init FILE (fine-tune converted weights) or --config tiny|small|full|demo|FILE.json "
                         "(train from scratch).")
-    for name in ("p_uncond_local", "p_uncond_global"):
-        if getattr(args, name) is not None and not 0.0 <= getattr(args, name) <= 1.0:
-            raise UserError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}.")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UserError(f"--out {args.out} is a file; give a folder (created when the first step is logged).")
+    if args.val_data and not Path(args.val_data).is_dir():
+        raise UserError(f"--val-data {args.val_data} is not a folder; give a folder of validation videos.")
     if args.target == "vae":
         args.global_frames = 0  # a VAE trains on frames only
-    if args.crop_scale[0] <= 0 or args.crop_scale[0] > args.crop_scale[1] or args.crop_scale[1] > 1:
-        raise UserError(f"--crop-scale {args.crop_scale} is not 0 < MIN <= MAX <= 1; give e.g. 0.08 1.0.")
 
 
 # args that change the data stream or the model: a resumed run must use the same ones
@@ -149,7 +164,10 @@ def setup_distributed(args):
         device = torch.device(f"cuda:{local}" if torch.cuda.is_available() and world > 1 else
                               "cuda" if torch.cuda.is_available() else "cpu")
     else:
-        device = torch.device(args.device)
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise UserError(f"--device {args.device!r} is not a device name; use auto, cpu, cuda or cuda:N.") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {args.device} asks for CUDA, which is not available here; use --device cpu.")
     if world > 1:
@@ -219,8 +237,8 @@ def build_model(args, device, resume_dir):
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(args.seed)
-            model, sources = AutoencoderKL(config_from(args.vae_config, VAE_PRESETS, VAEConfig, "--vae-config")), []
-        model = model.to(device)
+            model = AutoencoderKL(config_from(args.vae_config, VAE_PRESETS, VAEConfig, "--vae-config")).to(device)
+        sources = []
     return model.train(), model.config, sources
 
 
@@ -378,8 +396,7 @@ class Optimisation:
 
 
 def train_step(train_model, objective, batches, opt, args, world, autocast, log, skipped):
-    """One optimizer step over --grad-accum micro-batches: (loss averaged over ranks, grad norm, lr, every rank's
-    clips (video, start, stride))."""
+    """One optimizer step of --grad-accum micro-batches: (rank-mean loss, grad norm, lr, each rank's clips drawn)."""
     losses, drawn = [], []
     for micro in range(args.grad_accum):
         batch = next(batches)
@@ -451,9 +468,7 @@ def write_sample(path, unet, vae, item, args, device):
 def train(args):
     check_args(args)
     rank, world, device = setup_distributed(args)
-    is_main, out = rank == 0, Path(args.out)
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
+    is_main, out = rank == 0, Path(args.out)  # --out is created when the first step is logged
     resume_dir, state = load_resume(args)
     precision, autocast = autocast_for(args, device)
     train_videos, val_videos = split_videos(args.data, args.val_data)
@@ -558,9 +573,9 @@ def run_evaluation(args, unet_file, step, device, log):
 
 
 def log_start(log, args, model, train_videos, val_videos, world, device, precision):
-    log.message(f"training {args.target} ({sum(p.numel() for p in model.parameters()):,} parameters) on "
-                f"{len(train_videos)} videos, {world} process(es), device {device}, precision {precision}, "
-                f"from step {log.step0}")
+    log.message(f"training {args.target} ({sum(p.numel() for p in model.parameters()):,} parameters) on the "
+                f"{len(train_videos)} video files of {args.data} (unusable ones are skipped with a warning), "
+                f"{world} process(es), device {device}, precision {precision}, from step {log.step0}")
     if args.val_every and not val_videos:
         log.message("no validation videos (no val/ folder and no --val-data): validation is off")
 

@@ -127,7 +127,9 @@ class RunLog:
         return time.time() - self.t0
 
     def record(self, **rec):
+        """Append one record; the first one creates the run folder (a run that fails before it leaves none)."""
         if self.enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
 

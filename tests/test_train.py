@@ -273,3 +273,46 @@ def test_eval_videos_cli_errors_before_training(tmp_path, small_videos, vae_file
     assert "needs --target unet" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # nothing trained, nothing written
 
+
+# one CLI test per bad value: one `error:` line naming the option, exit 2, before anything is loaded or written
+BAD_VALUES = [("--log-every", "0"), ("--device", "foo"), ("--lr", "-1"), ("--lr", "nan"), ("--weight-decay", "-1"),
+              ("--ema", "1.5"), ("--ema", "-0.5"), ("--keep-checkpoints", "-1"), ("--save-every", "-1"),
+              ("--val-every", "-1"), ("--val-clips", "0"), ("--sample-every", "-1"), ("--sample-steps", "1"),
+              ("--max-stride", "0"), ("--decode-short-side", "-5"), ("--warmup-steps", "-3"), ("--grad-clip", "-1"),
+              ("--kl-weight", "-1"), ("--eval-steps", "1"), ("--size", "0"), ("--size", "-64"), ("--size", "96"),
+              ("--frames", "1"), ("--global-frames", "-1"), ("--num-workers", "-1"), ("--vae-batch", "0"),
+              ("--p-uncond-local", "1.5"), ("--p-uncond-global", "-0.1"), ("--val-data", "/nonexistent/val"),
+              ("--vae", "/nonexistent/vae.safetensors"), ("--config", "nope"), ("--resume", "/nonexistent/run")]
+
+
+@pytest.mark.parametrize("option,value", BAD_VALUES)
+def test_cli_bad_value(tmp_path, small_videos, vae_file, capsys, option, value):
+    out = tmp_path / "o"
+    argv = ["--data", str(small_videos), "--out", str(out), "--vae", str(vae_file), *TINY, option, value]
+    assert T.main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith(f"error: {option}"), err
+    assert not out.exists()  # --out is never created for a run that cannot start
+
+
+def test_init_that_is_not_a_file_and_out_that_is_a_file(tmp_path, small_videos, vae_file, capsys):
+    common = ["--data", str(small_videos), "--vae", str(vae_file), *TINY[2:]]  # TINY without --config
+    assert T.main([*common, "--out", str(tmp_path / "o"), "--init", str(tmp_path / "none.safetensors")]) == 2
+    assert capsys.readouterr().err.strip().endswith("--init " + str(tmp_path / "none.safetensors") +
+                                                    " does not exist; give an m3ddm .safetensors file.")
+    (tmp_path / "file").write_text("x")
+    assert T.main([*common, "--config", "tiny", "--out", str(tmp_path / "file")]) == 2
+    assert "error: --out" in capsys.readouterr().err and (tmp_path / "file").read_text() == "x"
+    assert not (tmp_path / "o").exists()
+
+
+def test_start_line_counts_video_files_not_usable_videos(tmp_path, small_videos, vae_file, capsys, one_thread):
+    """The corrupt file is one of the files found, not a video trained on: it is skipped with a warning."""
+    data = data_dir(tmp_path, small_videos, ["bikes8.mp4", "corrupt.mp4"])
+    out = tmp_path / "out"
+    assert run_train(["--data", data, "--out", out, "--vae", vae_file, *TINY, "--max-steps", "2",
+                      "--frames", "4"]) == 0
+    err = capsys.readouterr().err
+    start = next(line for line in err.splitlines() if line.startswith("training unet"))
+    assert f"on the 2 video files of {data} (unusable ones are skipped with a warning)" in start
+    assert f"warning: skipped {data / 'corrupt.mp4'}" in err
