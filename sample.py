@@ -4,7 +4,8 @@
     python sample.py videos/ --ratio 16:9,9:16 --out results --unet weights/unet.safetensors --vae weights/vae.safetensors
 
 One mp4 per input and ratio (<stem>_<a>-<b>.mp4, source fps and audio), plus <stem>.json (run record)
-and <stem>_preview.png beside it. Progress on stderr, output paths on stdout.
+and <stem>_preview.png beside it; <stem> is the name up to its first dot (take.2.mp4 -> take_16-9.mp4).
+Progress on stderr, output paths on stdout.
 """
 import argparse
 import sys
