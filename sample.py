@@ -81,15 +81,8 @@ def weights_path(given, default: Path, kind: str) -> Path:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from m3ddm import UserError
-    try:
-        return run(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; no partial output was kept.", file=sys.stderr)
-        return 130
+    from m3ddm import cli
+    return cli.run(lambda: run(args), interrupted="no partial output was kept")
 
 
 def run(args) -> int:
