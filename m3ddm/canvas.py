@@ -27,9 +27,9 @@ convex combination of known pixels (no overshoot). Cost: one 3x3 pooling per bor
 
 Full-resolution composite (`--keep-resolution`): the output for ratio a:b is that ratio's crop of the
 union canvas at the source's scale (one ratio: the source extended to a:b), with the ratio exact up to
-rounding to even pixels: one side is the even integer nearest to its exact length, the other the even
-integer nearest to what the ratio makes of the first (of the two orders, the one closer to a:b), never
-smaller than the source. 1920x1080 -> 21:9 is 2520x1080. The source is centred, (out - in) // 2 from the
+rounding to even pixels: the long side is the even integer nearest to the canvas side at source scale,
+max(union), and the short side the even integer nearest to what a:b makes of it (odd integers go up),
+neither smaller than the source. 1920x1080 -> 21:9 is 2520x1080; 640x480 -> 16:9 is 854x480. The source is centred, (out - in) // 2 from the
 top/left (within 1 px of the centre), at its exact pixels; only the generated border is resampled
 (bilinear) from the working canvas, with the source rectangle mapped exactly onto the canvas frame
 rectangle so that the seam lines up (output pixels beyond the canvas edge, at most about a canvas pixel,
@@ -319,12 +319,12 @@ def full_res_layout(geom: CanvasGeometry, ratio: tuple) -> FullResLayout:
     H, W = geom.source_hw
     a, b = ratio
     side = max(geom.union_hw)                      # the canvas side at source scale, before any rounding
-    ideal_w, ideal_h = (side, side * b / a) if a >= b else (side * a / b, side)
-    w1 = _even_near(ideal_w, W)                    # width first, height from it
-    h1 = _even_near(w1 * b / a, H)
-    h2 = _even_near(ideal_h, H)                    # height first, width from it
-    w2 = _even_near(h2 * a / b, W)
-    out_h, out_w = min([(h1, w1), (h2, w2)], key=lambda hw: abs(hw[1] * b / (hw[0] * a) - 1))
+    if a >= b:                                     # the crop's long side is the canvas side; the short follows
+        out_w = _even_near(side, W)
+        out_h = _even_near(out_w * b / a, H)
+    else:
+        out_h = _even_near(side, H)
+        out_w = _even_near(out_h * a / b, W)
     return FullResLayout(out_hw=(out_h, out_w), offset=((out_h - H) // 2, (out_w - W) // 2))
 
 

@@ -145,8 +145,8 @@ def _size_of(line: str) -> tuple:
 
 
 def _packet_times(path: str) -> tuple:
-    """(timebase, sorted pts of the video packets that are not flagged discard, duration of the last one),
-    from a stream copy (no decoding); (None, [], 0) when ffmpeg gives none."""
+    """(timebase, sorted pts of the video packets that are not flagged discard), from a stream copy (no
+    decoding); (None, []) when ffmpeg gives none."""
     r = _run_ffmpeg(["-v", "error", "-i", path, "-map", "0:v:0", "-c", "copy", "-f", "framecrc", "-"])
     tb, packets = None, []
     for line in r.stdout.splitlines():
@@ -157,11 +157,15 @@ def _packet_times(path: str) -> tuple:
             flags = int(fields[6][2:], 16) if len(fields) > 6 and fields[6].startswith("F=") else 1
             pts = int(fields[2])
             if not flags & 4 and pts != -2 ** 63:                     # AV_PKT_FLAG_DISCARD, AV_NOPTS_VALUE
-                packets.append((pts, int(fields[3])))
-    packets.sort()
+                packets.append(pts)
     if tb is None or not packets or tb <= 0:
-        return None, [], 0
-    return tb, [p for p, _ in packets], packets[-1][1]
+        return None, []
+    return tb, sorted(packets)
+
+
+def typical_interval(pts: Sequence[int]) -> int:
+    """The median distance between consecutive frame times (ticks): how long a VFR video's last frame lasts."""
+    return max(1, int(np.median(np.diff(np.asarray(pts, dtype=np.int64))))) if len(pts) > 1 else 1
 
 
 def _grid_error(t: np.ndarray, rate: Fraction) -> float:
@@ -224,15 +228,14 @@ def probe(path: PathLike) -> VideoInfo:
     audio_lines = [line for line in inputs if " Audio: " in line]
     audio_codec = _codec_of(audio_lines[0], "Audio") if audio_lines else None
 
-    tb, pts, last_duration = _packet_times(path)
+    tb, pts = _packet_times(path)
     try:
         rate, drift, vfr = frame_timing(pts, tb or Fraction(1, 1000), _declared_rates(video_lines[0]))
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
     vfr = vfr and len(pts) == num_frames    # times that do not pair up with the frames cannot be kept
     if vfr:
-        end = pts[-1] - pts[0] + (last_duration if last_duration > 0 else float(1 / (rate * tb)))
-        duration = float(end * tb)
+        duration = float((pts[-1] - pts[0] + typical_interval(pts)) * tb)
     else:
         duration = float(num_frames / rate)
     return VideoInfo(path=path, width=width, height=height, num_frames=num_frames, fps=float(rate),
@@ -360,6 +363,8 @@ class VideoWriter:
             raise ValueError("timestamps need their time_base")
         self.timestamps = None if timestamps is None else [int(t) for t in timestamps]
         self.time_base = time_base
+        # how long each frame lasts: 1 / fps, or for given timestamps their typical interval (the last frame's)
+        self.frame_time = 1 / self.fps if timestamps is None else typical_interval(self.timestamps) * time_base
         self.audio_from = None if audio_from is None else str(audio_from)
         self.num_frames = 0
         self.audio_note = None       # why the audio was not copied, if it was not
@@ -368,7 +373,7 @@ class VideoWriter:
         try:
             cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", "-y",
                    "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{self.width}x{self.height}",
-                   "-r", str(self.fps), "-i", "-", *self._timing_args(),
+                   "-r", str(1 / self.frame_time), "-i", "-", *self._timing_args(),
                    "-c:v", "libx264", "-preset", preset, "-crf", str(crf), "-pix_fmt", "yuv420p",
                    "-movflags", "+faststart", "-f", "mp4", str(self._tmp)]
             self._err = tempfile.TemporaryFile()
@@ -393,12 +398,12 @@ class VideoWriter:
 
     @property
     def duration(self) -> Fraction:
-        """Seconds of video written so far (the last frame lasts 1 / fps)."""
+        """Seconds of video written so far."""
         if self.num_frames == 0:
             return Fraction(0)
         if self.timestamps is None:
             return self.num_frames / self.fps
-        return self.timestamps[self.num_frames - 1] * self.time_base + 1 / self.fps
+        return self.timestamps[self.num_frames - 1] * self.time_base + self.frame_time
 
     def _remove_temps(self):
         for tmp in (self._tmp, self._script):
