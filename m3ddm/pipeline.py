@@ -533,7 +533,8 @@ def outpaint_video(path, out_dir, unet, vae, ratios: Sequence[tuple], options: O
         "video": {"num_frames": info.num_frames, "fps": info.fps, "fps_fraction": str(info.fps_fraction),
                   "width": info.width, "height": info.height, "codec": info.codec, "has_audio": info.has_audio,
                   "audio_codec": info.audio_codec, "duration_s": round(info.duration, 6),
-                  "variable_frame_rate": info.vfr, "max_drift_s": round(info.max_drift, 6)},
+                  "variable_frame_rate": info.vfr, "max_drift_s": round(info.max_drift, 6),
+                  "start_time_s": round(info.start_time, 6)},
         "removed_stale_temps": [p.name for p in stale],
         "num_output_frames": n_out,
         "geometry": {"canvas": geom.size, "resized_hw": list(geom.resized_hw), "pad": list(geom.pad),
@@ -562,7 +563,7 @@ def _writer(target: Path, width: int, height: int, info, num_frames: int):
         return ImageWriter(target, width, height)
     timestamps = info.timestamps[:num_frames] if info.vfr else None
     return VideoWriter(target, width, height, info.fps_fraction, audio_from=info.path, timestamps=timestamps,
-                       time_base=info.time_base)
+                       time_base=info.time_base, audio_start=info.start_time)
 
 
 def _imwrite_png(path, image: np.ndarray):

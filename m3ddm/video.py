@@ -83,7 +83,9 @@ class VideoInfo:
     time_base: the stream's timebase. timestamps: for a variable-frame-rate video, every frame's time in
     time_base ticks from the first frame (a tuple of num_frames ints), else None (frame i at i / fps).
     max_drift: seconds, the largest distance of a source frame time from i / fps (0 for exact CFR).
-    duration: seconds from the first frame's start to the last frame's end."""
+    duration: seconds from the first frame's start to the last frame's end.
+    start_time: seconds from the file's start (its earliest stream) to the first frame: where the audio
+    that plays with frame 0 begins (a camera's audio often starts before its video)."""
     path: str
     width: int
     height: int
@@ -97,6 +99,7 @@ class VideoInfo:
     time_base: Fraction = Fraction(0)
     timestamps: Optional[tuple] = None
     max_drift: float = 0.0
+    start_time: float = 0.0
 
     @property
     def hw(self) -> tuple:
@@ -242,7 +245,7 @@ def probe(path: PathLike) -> VideoInfo:
                      fps_fraction=rate, codec=_codec_of(video_lines[0], "Video"),
                      has_audio=audio_codec is not None, audio_codec=audio_codec, duration=duration,
                      time_base=tb, timestamps=tuple(p - pts[0] for p in pts) if vfr else None,
-                     max_drift=drift)
+                     max_drift=drift, start_time=max(0.0, float(pts[0] * tb)) if pts else 0.0)
 
 
 def iter_frames(path: PathLike, info: Optional[VideoInfo] = None) -> Iterator[np.ndarray]:
@@ -340,6 +343,8 @@ class VideoWriter:
     crf, preset: x264 quality (17 = visually lossless) and speed.
     timestamps, time_base: for a variable-frame-rate source (VideoInfo.timestamps / .time_base): frame i
         is given the time timestamps[i] * time_base (ticks from the first frame) instead of i / fps.
+    audio_start: seconds into audio_from's timeline at which frame 0 was shown (VideoInfo.start_time): the
+        audio is cut from there, so that it stays in sync when the source's video starts after its audio.
 
     write(frames) takes uint8 (H, W, 3) or (n, H, W, 3) RGB numpy arrays. On an exception inside the
     `with` block, or abort(), the temporary files are deleted and the target is left untouched.
@@ -347,7 +352,7 @@ class VideoWriter:
 
     def __init__(self, path: PathLike, width: int, height: int, fps, audio_from: Optional[PathLike] = None,
                  crf: int = DEFAULT_CRF, preset: str = DEFAULT_PRESET, timestamps: Optional[Sequence[int]] = None,
-                 time_base: Optional[Fraction] = None):
+                 time_base: Optional[Fraction] = None, audio_start: float = 0.0):
         if width % 2 or height % 2 or width < 2 or height < 2:
             raise ValueError(f"H.264 yuv420p needs even frame sizes, got {width}x{height}")
         self.path = Path(path)
@@ -366,6 +371,7 @@ class VideoWriter:
         # how long each frame lasts: 1 / fps, or for given timestamps their typical interval (the last frame's)
         self.frame_time = 1 / self.fps if timestamps is None else typical_interval(self.timestamps) * time_base
         self.audio_from = None if audio_from is None else str(audio_from)
+        self.audio_start = max(0.0, float(audio_start))
         self.num_frames = 0
         self.audio_note = None       # why the audio was not copied, if it was not
         self._closed, self._script = True, None
@@ -484,7 +490,8 @@ class VideoWriter:
         muxed = str(create_temp(self.path, "mux", ".mp4"))
         self._tmp, tmp = muxed, self._tmp       # abort() now removes the muxed file; the encoded one is ours
         try:
-            r = _run_ffmpeg(["-v", "error", "-y", "-i", str(tmp), "-i", self.audio_from,
+            seek = ["-ss", f"{self.audio_start:.6f}"] if self.audio_start > 0 else []
+            r = _run_ffmpeg(["-v", "error", "-y", "-i", str(tmp), *seek, "-i", self.audio_from,
                              "-map", "0:v:0", "-map", "1:a:0", "-c:v", "copy", *_audio_codec_args(info.audio_codec),
                              "-t", f"{float(self.duration):.6f}", "-movflags", "+faststart", "-f", "mp4", muxed])
             if r.returncode != 0:

@@ -126,3 +126,8 @@ def tiny_weight_files(tmp_path_factory):
     save_model(d / "vae.safetensors", load_file(str(FIXTURES / "vae_tiny" / "diffusion_pytorch_model.safetensors")),
                "vae", VAE_PRESETS["tiny"])
     return ["--unet", str(d / "unet.safetensors"), "--vae", str(d / "vae.safetensors")]
+
+
+def ffmpeg_exe_path() -> str:
+    from m3ddm.video import ffmpeg_exe
+    return ffmpeg_exe()

@@ -98,3 +98,24 @@ def test_vfr_source_times_are_kept(container, tiny_weight_files, tmp_path, capsy
     assert [(p - opackets[0][0]) * otb for p, _ in opackets] == source_times          # exactly the source's times
     assert abs(span_seconds(out) - span_seconds(clip)) < 1 / info.fps_fraction
     assert probe(out).vfr
+
+
+def test_audio_stays_in_sync_when_video_starts_late(tiny_weight_files, tmp_path, capsys):
+    """A camera clip whose audio starts 0.5 s before its video (silence, then a tone from the first frame on):
+    the output's audio must begin where frame 0 was shown, i.e. with the tone, not with the silence."""
+    from conftest import ffmpeg_exe_path
+    import subprocess
+    clip = tmp_path / "late.mp4"
+    subprocess.run([ffmpeg_exe_path(), "-v", "error", "-y", "-f", "lavfi",
+                    "-i", "aevalsrc='if(gte(t,0.5),0.5*sin(2*PI*440*t),0)':s=48000:d=2",
+                    "-itsoffset", "0.5", "-f", "lavfi", "-i", "testsrc2=size=32x24:rate=25",
+                    "-map", "1:v", "-map", "0:a", "-frames:v", "25", "-c:v", "libx264", "-pix_fmt", "yuv420p",
+                    "-c:a", "aac", str(clip)], check=True)
+    assert abs(probe(clip).start_time - 0.5) < 0.03
+    [out] = run_sample([clip, "--ratio", "16:9", "--out", tmp_path / "out", *FAST, *tiny_weight_files], capsys)
+    pcm = subprocess.run([ffmpeg_exe_path(), "-v", "error", "-i", out, "-map", "0:a", "-f", "s16le", "-ac", "1",
+                          "-ar", "48000", "-"], capture_output=True, check=True).stdout
+    audio = np.frombuffer(pcm, np.int16).astype(np.float64) / 32768
+    first = audio[int(0.05 * 48000):int(0.3 * 48000)]              # past the codec's priming
+    assert np.sqrt(np.mean(first ** 2)) > 0.2                      # the tone (rms 0.35), not the silence
+    assert abs(len(audio) / 48000 - 1.0) < 0.05                    # trimmed to the video's 25 frames
