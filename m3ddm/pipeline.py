@@ -475,9 +475,7 @@ def outpaint_video(path, out_dir, unet, vae, ratios: Sequence[tuple], options: O
                         "nothing to outpaint: choose another --ratio.")
     ratios = [r for r in ratios if r not in skipped]
     out_dir = check_output_dir(out_dir)
-    stale = remove_stale_temps(out_dir)       # debris of killed runs (dead writers on this host only)
-    if stale and progress is not None:
-        progress(f"removed {len(stale)} temporary file(s) left by a killed run in {out_dir}")
+    stale = _remove_debris(out_dir, progress)
     outputs = output_paths(path, out_dir, ratios)
     stem = Path(path).name.split(".")[0] or Path(path).stem
     side_files = [out_dir / f"{stem}.json", out_dir / f"{stem}_preview.png"]
@@ -530,11 +528,7 @@ def outpaint_video(path, out_dir, unet, vae, ratios: Sequence[tuple], options: O
         "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(options).items()},
         "weights": {k: {"path": str(p), "sha256": _sha256(p)} for k, p in (weights or {}).items()},
         "device": str(device), "dtype": str(dtype).replace("torch.", ""),
-        "video": {"num_frames": info.num_frames, "fps": info.fps, "fps_fraction": str(info.fps_fraction),
-                  "width": info.width, "height": info.height, "codec": info.codec, "has_audio": info.has_audio,
-                  "audio_codec": info.audio_codec, "duration_s": round(info.duration, 6),
-                  "variable_frame_rate": info.vfr, "max_drift_s": round(info.max_drift, 6),
-                  "start_time_s": round(info.start_time, 6)},
+        "video": _video_record(info),
         "removed_stale_temps": [p.name for p in stale],
         "num_output_frames": n_out,
         "geometry": {"canvas": geom.size, "resized_hw": list(geom.resized_hw), "pad": list(geom.pad),
@@ -553,6 +547,21 @@ def outpaint_video(path, out_dir, unet, vae, ratios: Sequence[tuple], options: O
     write_atomic(side_files[0], lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1) + "\n"))
     record["record"] = str(side_files[0])
     return record
+
+
+def _remove_debris(out_dir: Path, progress) -> list:
+    """Remove the temporary files that killed runs left in out_dir (dead writers on this host only)."""
+    stale = remove_stale_temps(out_dir)
+    if stale and progress is not None:
+        progress(f"removed {len(stale)} temporary file(s) left by a killed run in {out_dir}")
+    return stale
+
+
+def _video_record(info) -> dict:
+    return {"num_frames": info.num_frames, "fps": info.fps, "fps_fraction": str(info.fps_fraction),
+            "width": info.width, "height": info.height, "codec": info.codec, "has_audio": info.has_audio,
+            "audio_codec": info.audio_codec, "duration_s": round(info.duration, 6), "variable_frame_rate": info.vfr,
+            "max_drift_s": round(info.max_drift, 6), "start_time_s": round(info.start_time, 6)}
 
 
 def _writer(target: Path, width: int, height: int, info, num_frames: int):
