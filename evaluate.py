@@ -518,12 +518,9 @@ def summary_markdown(record, table):
 
 
 def main(argv=None):
+    from m3ddm import cli
     args = parse_args(argv)
-    try:
-        return run(args)
-    except UserError as e:
-        print(f"\nerror: {e}", file=sys.stderr)
-        return 2
+    return cli.run(lambda: run(args), interrupted="no partial report was kept")
 
 
 if __name__ == "__main__":
