@@ -2,16 +2,50 @@
 # Every target installs what it needs itself (idempotent: nothing is reinstalled when present).
 # torch: an existing install is kept; otherwise TORCH is installed (the local CPU wheel here).
 # Override with e.g. `make install TORCH="torch==2.5.1"` (a TORCH given on the command line is always installed).
+#
+# Which Python (a distribution's python3 is "externally managed", PEP 668: pip may not install into it):
+#   PYTHON=/path/to/python given (command line or environment): that one, as it is;
+#   else an active virtual environment ($VIRTUAL_ENV) or conda environment ($CONDA_PREFIX): its python;
+#   else a project-local virtual environment $(VENV) (.venv), created with $(BASE_PYTHON) (python3) on first use.
+#   Where the distribution lacks ensurepip (Debian/Ubuntu without python3-venv) it is made --without-pip and
+#   pip is bootstrapped from the system's pip (`pip --python`) or its pip wheel (/usr/share/python-wheels).
 
-PYTHON ?= python3
+VENV ?= .venv
+BASE_PYTHON ?= python3
+ifneq ($(filter command environment,$(firstword $(origin PYTHON))),)
+  ENV_TARGET :=
+else ifneq ($(VIRTUAL_ENV),)
+  PYTHON := $(VIRTUAL_ENV)/bin/python
+else ifneq ($(CONDA_PREFIX),)
+  PYTHON := $(CONDA_PREFIX)/bin/python
+else
+  PYTHON := $(VENV)/bin/python
+  ENV_TARGET := $(PYTHON)
+endif
 TORCH ?= torch==2.13.0
 PIP = $(PYTHON) -m pip install -q --disable-pip-version-check
 OUT ?= out
 VIDEO_CACHE ?= $(HOME)/.cache/m3ddm/real_videos
 
-.PHONY: install install-test test test-fast sample train eval bench convert videos demo-weights clean
+.PHONY: install install-test test test-fast sample train eval bench convert videos demo-weights clean python
 
-install:
+# the project-local virtual environment (only when no PYTHON / active environment was given)
+$(VENV)/bin/python:
+	@echo "creating the virtual environment $(VENV) with $(BASE_PYTHON)" >&2
+	@rm -rf $(VENV); $(BASE_PYTHON) -m venv $(VENV) >/dev/null 2>&1 || { rm -rf $(VENV) && \
+		$(BASE_PYTHON) -m venv --without-pip $(VENV) && \
+		{ $(BASE_PYTHON) -m pip --python $(VENV)/bin/python install -q pip 2>/dev/null || \
+		  { whl=$$(ls /usr/share/python-wheels/pip-*.whl 2>/dev/null | tail -n 1); [ -n "$$whl" ] && \
+		    $(VENV)/bin/python $$whl/pip install -q pip; }; }; } || \
+		{ rm -rf $(VENV); echo "error: could not create $(VENV) with $(BASE_PYTHON) (no venv/ensurepip and no pip to \
+	bootstrap it); install python3-venv (Debian/Ubuntu), or pass PYTHON=/path/to/python of an environment pip may \
+	install into." >&2; exit 1; }
+
+# the Python that every target uses
+python: $(ENV_TARGET)
+	@echo $(PYTHON)
+
+install: $(ENV_TARGET)
 ifeq ($(origin TORCH),command line)
 	$(PIP) "$(TORCH)"
 else
@@ -91,4 +125,4 @@ demo-weights: install
 		--wall-s $$(( $$(date +%s) - $$(cat $(DEMO)/started_at) ))
 
 clean:
-	rm -rf .pytest_cache build *.egg-info
+	rm -rf .pytest_cache build *.egg-info    # the environment stays: `rm -rf .venv` to remake it

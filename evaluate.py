@@ -385,8 +385,10 @@ def load_lpips_if_present(args):
     return M.load_lpips(path, device=args.device)
 
 
-def progress(text):
-    print(f"\r{text}\033[K", end="", file=sys.stderr, flush=True)
+def progress(text, end=None):
+    """One line rewritten in place on a terminal (end it with end="\\n"); in a log, one line each."""
+    tty = sys.stderr.isatty()
+    print(f"\r{text}\033[K" if tty else text, end=end or ("" if tty else "\n"), file=sys.stderr, flush=True)
 
 
 class Evaluation:
@@ -414,7 +416,7 @@ class Evaluation:
                 self.say(f"{context}: {line}")
             elif line not in self.notes:
                 self.notes.add(line)
-                print(f"\r{line}\033[K", file=sys.stderr, flush=True)
+                progress(line, end="\n")
         return show
 
     def add_features(self, key, frames):
@@ -511,7 +513,8 @@ def run(args):
     for i, path in enumerate(videos):
         ev.video(i, len(videos), path)
     ev.say(f"scored {len(videos)} video(s)")
-    print(file=sys.stderr)
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
 
     summary = summarize(ev.rows, ev.fvd(), args.crop_ratio, args.method)
     table = markdown_table(summary, args.crop_ratio)
@@ -556,12 +559,9 @@ def summary_markdown(record, table):
 
 
 def main(argv=None):
+    from m3ddm import cli
     args = parse_args(argv)
-    try:
-        return run(args)
-    except UserError as e:
-        print(f"\nerror: {e}", file=sys.stderr)
-        return 2
+    return cli.run(lambda: run(args), interrupted="no partial report was kept")
 
 
 if __name__ == "__main__":

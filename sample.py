@@ -3,8 +3,9 @@
     python sample.py clip.mp4 --ratio 16:9
     python sample.py videos/ --ratio 16:9,9:16 --out results --unet weights/unet.safetensors --vae weights/vae.safetensors
 
-One mp4 per input and ratio (<stem>_<a>-<b>.mp4, source fps and audio), plus <stem>.json (run record)
-and <stem>_preview.png beside it; <stem> is the name up to its first dot (take.2.mp4 -> take_16-9.mp4).
+One mp4 per input and ratio (<stem>_<a>-<b>.mp4, the source's frame times and audio; a still image
+.png/.jpg gives <stem>_<a>-<b>.png/.jpg), plus <stem>.json (run record) and <stem>_preview.png beside it;
+<stem> is the name up to its first dot (take.2.mp4 -> take_16-9.mp4).
 Progress on stderr, output paths on stdout.
 """
 import argparse
@@ -19,7 +20,7 @@ DEFAULT_VAE = ASSETS / "demo_vae.safetensors"
 def build_parser() -> argparse.ArgumentParser:
     from m3ddm.schedulers import SCHEDULERS
     p = argparse.ArgumentParser(description="Outpaint videos to new aspect ratios with M3DDM+.")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="video files, or folders whose videos are all processed")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="video or image files, or folders whose videos and images are all processed")
     p.add_argument("--ratio", default="16:9", help="target aspect ratios W:H, comma-separated (default 16:9)")
     p.add_argument("--out", default="out", help="output folder (created if missing; default ./out)")
     p.add_argument("--unet", default=None, help=f"UNet weights, an m3ddm file (default {DEFAULT_UNET.name} when present)")
@@ -44,15 +45,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def find_videos(inputs) -> list:
     from m3ddm import UserError
-    from m3ddm.video import VIDEO_EXTENSIONS
+    from m3ddm.video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
     videos = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS
-                           and not p.name.startswith("."))
+            found = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")
+                           and p.suffix.lower() in VIDEO_EXTENSIONS + IMAGE_EXTENSIONS)
             if not found:
-                raise UserError(f"Folder {path} holds no video files ({', '.join(VIDEO_EXTENSIONS)}); give a video or another folder.")
+                raise UserError(f"Folder {path} holds no video files ({', '.join(VIDEO_EXTENSIONS)}) or images "
+                                f"({', '.join(IMAGE_EXTENSIONS)}); give a video or another folder.")
             videos += found
         elif path.exists():
             videos.append(path)
@@ -63,7 +65,7 @@ def find_videos(inputs) -> list:
     for video in videos:
         stem = video.name.split(".")[0]
         if stem in stems:
-            raise UserError(f"Inputs {stems[stem]} and {video} would write the same output names ({stem}_*.mp4); "
+            raise UserError(f"Inputs {stems[stem]} and {video} would write the same output names ({stem}_*); "
                             "rename one of them or run them separately.")
         stems[stem] = video
     return videos
@@ -90,15 +92,8 @@ def say_early(text: str):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from m3ddm import UserError
-    try:
-        return run(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; no partial output was kept.", file=sys.stderr)
-        return 130
+    from m3ddm import cli
+    return cli.run(lambda: run(args), interrupted="no partial output was kept")
 
 
 def run(args) -> int:

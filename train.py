@@ -581,18 +581,13 @@ def log_start(log, args, model, train_videos, val_videos, world, device, precisi
 
 
 def main(argv=None):
-    try:
-        args = parse_args(argv)
-        path = train(args)
-    except UserError as e:
-        print(f"\nerror: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(path)
-    return 0
+    from m3ddm import cli
+
+    def body():
+        path = train(parse_args(argv))
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(path)
+    return cli.run(body, interrupted="completed checkpoints are kept; continue with --resume")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from . import cli
 from .errors import UserError
 from .sampler import (assemble_conditioning, clip_noise, denoise_clip, encode_global_context,
                       sampler_branches)
@@ -652,12 +653,13 @@ def speedup_line(result: dict) -> Optional[str]:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    return cli.run(lambda: _run_and_report(args), interrupted="nothing was written")
+
+
+def _run_and_report(args) -> int:
     threads, grad = torch.get_num_threads(), torch.is_grad_enabled()
     try:
         result = run_bench(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     finally:  # main() may be called in-process (tests): leave torch's global settings as they were
         torch.set_num_threads(threads)
         torch.set_grad_enabled(grad)

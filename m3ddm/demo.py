@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import cli
 from .data import center_square_box, crop_resize
 from .errors import UserError
 from .vae import LATENT_SCALE
@@ -202,7 +203,8 @@ def main(argv=None):
     v.add_argument("--frames", type=int, default=3)
     v.add_argument("--width", type=int, default=192)
     a = p.parse_args(argv)
-    try:
+
+    def body():
         if a.cmd == "split":
             split(a.cache, a.data)
         elif a.cmd == "preview":
@@ -211,10 +213,7 @@ def main(argv=None):
             rescale(a.vae_in, a.vae_out, a.data)
         else:
             export(a)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return cli.run(body)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -34,6 +33,7 @@ from .canvas import (CanvasGeometry, border_fill, canvas_geometry, composite_ful
                      frames_to_tensor, from_model, full_res_layout, global_frames_to_model, needs_outpainting,
                      paste_known, pixel_mask, ratio_label, tensor_to_frames, to_model)
 from .errors import UserError
+from .files import create_temp, remove_stale_temps, write_atomic  # noqa: F401 (write_atomic: evaluate.py)
 from .sampler import (assemble_conditioning, clip_noise, denoise_clip, encode_global_context,
                       sampler_branches, sampling_timesteps)
 from .masks import latent_mask
@@ -450,9 +450,12 @@ def outpaint_frames(frames: np.ndarray, unet, vae, ratios: Sequence[tuple] = ((1
 
 
 def output_paths(path, out_dir, ratios) -> dict:
-    """{ratio: out_dir/<stem>_<a>-<b>.mp4}; stem = the input's name up to its first '.' (as the reference)."""
+    """{ratio: out_dir/<stem>_<a>-<b>.mp4}; stem = the input's name up to its first '.' (as the reference).
+    A still image (.png, .jpg, .jpeg) gives an image of its own format: <stem>_<a>-<b>.png."""
+    from .video import is_image
     stem = Path(path).name.split(".")[0] or Path(path).stem
-    return {tuple(r): Path(out_dir) / f"{stem}_{ratio_label(r, '-')}.mp4" for r in ratios}
+    suffix = Path(path).suffix.lower() if is_image(path) else ".mp4"
+    return {tuple(r): Path(out_dir) / f"{stem}_{ratio_label(r, '-')}{suffix}" for r in ratios}
 
 
 def check_output_dir(out_dir) -> Path:
@@ -467,9 +470,7 @@ def check_output_dir(out_dir) -> Path:
     if not out_dir.is_dir():
         raise UserError(f"Output folder {out_dir} is not a folder; choose another --out.")
     try:
-        fd, probe_path = tempfile.mkstemp(dir=out_dir, prefix=".m3ddm-write-test.")
-        os.close(fd)
-        os.remove(probe_path)
+        create_temp(out_dir / "m3ddm-write-test", "probe").unlink()
     except OSError:
         raise UserError(f"Output folder {out_dir} is not writable; choose another --out or fix its permissions.") from None
     return out_dir
@@ -481,18 +482,6 @@ def check_not_input(targets, path):
         target = Path(target)
         if (target.exists() and os.path.samefile(target, path)) or target.resolve() == Path(path).resolve():
             raise UserError(f"Output {target} is the input video itself; choose another --out folder.")
-
-
-def write_atomic(path: Path, write: Callable[[Path], None]):
-    """write(tmp) fills a temporary file beside `path` (same suffix, so writers that go by it still work),
-    which is then renamed to `path`; on any failure nothing is left under either name."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _preview(rows: list, mask: torch.Tensor) -> np.ndarray:
@@ -512,7 +501,7 @@ def outpaint_video(path, out_dir, unet, vae, ratios: Sequence[tuple], options: O
     `<stem>.json` and `<stem>_preview.png`. Nothing appears under a final name unless complete.
     weights: {"unet": path, "vae": path} for the record (their sha256 is recorded). progress: as outpaint_frames.
     """
-    from .video import VideoWriter, probe, read_frames_at
+    from .video import probe, read_frames_at
     options, progress = (options or OutpaintOptions()).check(), _progress(progress)
     t_start = time.perf_counter()
     info = probe(path)
@@ -523,6 +512,7 @@ def outpaint_video(path, out_dir, unet, vae, ratios: Sequence[tuple], options: O
                         "nothing to outpaint: choose another --ratio.")
     ratios = [r for r in ratios if r not in skipped]
     out_dir = check_output_dir(out_dir)
+    stale = _remove_debris(out_dir, progress)
     outputs = output_paths(path, out_dir, ratios)
     stem = Path(path).name.split(".")[0] or Path(path).stem
     side_files = [out_dir / f"{stem}.json", out_dir / f"{stem}_preview.png"]
@@ -545,7 +535,7 @@ def outpaint_video(path, out_dir, unet, vae, ratios: Sequence[tuple], options: O
                 height, width = full_res_layout(geom, r).out_hw
             else:
                 width, height = geom.crops[r][2:]
-            writers[r] = VideoWriter(target, width, height, info.fps_fraction, audio_from=path)
+            writers[r] = _writer(target, width, height, info, engine.schedule.num_output)
 
         def emit(frame: FinalFrame):
             if frame.index in preview_at:
@@ -576,9 +566,8 @@ def outpaint_video(path, out_dir, unet, vae, ratios: Sequence[tuple], options: O
         "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(options).items()},
         "weights": {k: {"path": str(p), "sha256": _sha256(p)} for k, p in (weights or {}).items()},
         "device": str(device), "dtype": str(dtype).replace("torch.", ""),
-        "video": {"num_frames": info.num_frames, "fps": info.fps, "fps_fraction": str(info.fps_fraction),
-                  "width": info.width, "height": info.height, "codec": info.codec, "has_audio": info.has_audio,
-                  "audio_codec": info.audio_codec},
+        "video": _video_record(info),
+        "removed_stale_temps": [p.name for p in stale],
         "num_output_frames": n_out,
         "geometry": {"canvas": geom.size, "resized_hw": list(geom.resized_hw), "pad": list(geom.pad),
                      "crops": {ratio_label(r): list(b) for r, b in geom.crops.items()},
@@ -596,6 +585,32 @@ def outpaint_video(path, out_dir, unet, vae, ratios: Sequence[tuple], options: O
     write_atomic(side_files[0], lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1) + "\n"))
     record["record"] = str(side_files[0])
     return record
+
+
+def _remove_debris(out_dir: Path, progress) -> list:
+    """Remove the temporary files that killed runs left in out_dir (dead writers on this host only)."""
+    stale = remove_stale_temps(out_dir)
+    if stale and progress is not None:
+        progress(f"removed {len(stale)} temporary file(s) left by a killed run in {out_dir}")
+    return stale
+
+
+def _video_record(info) -> dict:
+    return {"num_frames": info.num_frames, "fps": info.fps, "fps_fraction": str(info.fps_fraction),
+            "width": info.width, "height": info.height, "codec": info.codec, "has_audio": info.has_audio,
+            "audio_codec": info.audio_codec, "duration_s": round(info.duration, 6), "variable_frame_rate": info.vfr,
+            "max_drift_s": round(info.max_drift, 6), "start_time_s": round(info.start_time, 6)}
+
+
+def _writer(target: Path, width: int, height: int, info, num_frames: int):
+    """The output writer for one ratio: a still image for image inputs, else H.264 with the source's audio
+    and, for a variable-frame-rate source, the source's frame times (m3ddm/video.py)."""
+    from .video import ImageWriter, VideoWriter, is_image
+    if is_image(target):
+        return ImageWriter(target, width, height)
+    timestamps = info.timestamps[:num_frames] if info.vfr else None
+    return VideoWriter(target, width, height, info.fps_fraction, audio_from=info.path, timestamps=timestamps,
+                       time_base=info.time_base, audio_start=info.start_time)
 
 
 def _imwrite_png(path, image: np.ndarray):

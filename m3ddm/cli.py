@@ -1,0 +1,83 @@
+"""How every m3ddm command line ends (sample.py, train.py, evaluate.py, weights_convert.py, m3ddm.bench,
+m3ddm.demo): written once here.
+
+    def main(argv=None):
+        return cli.run(lambda: _main(argv), interrupted="no partial output was kept")
+
+- `m3ddm.UserError` -> one line `error: <message>` on stderr, exit code 2.
+- SIGINT (Ctrl-C), SIGTERM (a scheduler's time limit, `timeout`, `docker stop`) and SIGHUP (the terminal
+  went away) are raised in the main thread as `Interrupted` (a KeyboardInterrupt), so every `finally` and
+  `except BaseException` on the way out runs its cleanup (writers aborted, temporary files deleted); then
+  one line `error: interrupted by SIGTERM; <note>.` and exit code 128 + the signal number (130, 143, 129).
+  Further signals during that cleanup are ignored, so it cannot be cut short (SIGKILL still can; its
+  debris is removed by the next run over the folder, see m3ddm/files.py).
+- `M3DDM_DEBUG=1` prints the traceback as well. Any other exception is a bug and raises with its traceback.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import traceback
+from typing import Callable
+
+from .errors import UserError
+
+DEBUG_ENV = "M3DDM_DEBUG"
+SIGNALS = tuple(s for s in (getattr(signal, n, None) for n in ("SIGINT", "SIGTERM", "SIGHUP")) if s is not None)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A handled signal, raised where the main thread was."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _install_handlers() -> dict:
+    """Raise Interrupted on the first handled signal, ignore the ones after it; returns the old handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    fired = []
+
+    def handler(signum, frame):
+        if not fired:
+            fired.append(signum)
+            raise Interrupted(signum)
+
+    return {s: signal.signal(s, handler) for s in SIGNALS}
+
+
+def _say(line: str):
+    prefix = "\r\033[K" if sys.stderr.isatty() else ""    # over an unfinished progress line, not below it
+    try:
+        print(prefix + line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):                           # the terminal is gone (SIGHUP)
+        pass
+
+
+def _debug():
+    if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        traceback.print_exc(file=sys.stderr)
+
+
+def run(body: Callable[[], int], interrupted: str = "") -> int:
+    """Run a command line's body; returns its exit code (the body's return value, 0 for None)."""
+    previous = _install_handlers()
+    try:
+        return int(body() or 0)
+    except UserError as e:
+        _debug()
+        _say(f"error: {e}")
+        return 2
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        _debug()
+        _say(f"error: interrupted by {signal.Signals(signum).name}" + (f"; {interrupted}" if interrupted else "")
+             + ".")
+        return 128 + int(signum)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
