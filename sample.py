@@ -4,7 +4,8 @@
     python sample.py videos/ --ratio 16:9,9:16 --out results --unet weights/unet.safetensors --vae weights/vae.safetensors
 
 One mp4 per input and ratio (<stem>_<a>-<b>.mp4, the source's frame times and audio; a still image
-.png/.jpg gives <stem>_<a>-<b>.png/.jpg), plus <stem>.json (run record) and <stem>_preview.png beside it.
+.png/.jpg gives <stem>_<a>-<b>.png/.jpg), plus <stem>.json (run record) and <stem>_preview.png beside it;
+<stem> is the name up to its first dot (take.2.mp4 -> take_16-9.mp4).
 Progress on stderr, output paths on stdout.
 """
 import argparse
@@ -17,6 +18,7 @@ DEFAULT_VAE = ASSETS / "demo_vae.safetensors"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from m3ddm.schedulers import SCHEDULERS
     p = argparse.ArgumentParser(description="Outpaint videos to new aspect ratios with M3DDM+.")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="video or image files, or folders whose videos and images are all processed")
     p.add_argument("--ratio", default="16:9", help="target aspect ratios W:H, comma-separated (default 16:9)")
@@ -31,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="model dtype (default: fp32 on CPU, bf16 on CUDA)")
     p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
-    p.add_argument("--scheduler", choices=["pndm", "ddim"], default="pndm", help="sampler (default pndm, as the reference)")
+    p.add_argument("--scheduler", choices=SCHEDULERS, default="pndm", help="sampler (default pndm, as the reference)")
     p.add_argument("--guidance-local", type=float, default=2.0, help="guidance weight of the masked frames (default 2)")
     p.add_argument("--guidance-global", type=float, default=4.0, help="guidance weight of the global frames (default 4)")
     p.add_argument("--feather", type=int, default=0, help="px over which the source blends into the border (default 0: hard paste)")
@@ -81,6 +83,13 @@ def weights_path(given, default: Path, kind: str) -> Path:
                     f"weights_convert.py); the default {default} does not exist.")
 
 
+def say_early(text: str):
+    """A progress line from before a video is checked: to a terminal only, so that a bad input gets its one
+    `error:` line and nothing else in logs (the stage lines that follow the checks always go to stderr)."""
+    if sys.stderr.isatty():
+        print(text, file=sys.stderr, flush=True)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from m3ddm import cli
@@ -117,20 +126,25 @@ def run(args) -> int:
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     dtype = dtypes[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if args.plain:
+        if args.dtype not in (None, "fp32"):
+            print(f"note: --plain runs the reference-shaped path in fp32; --dtype {args.dtype} is not used.",
+                  file=sys.stderr)
         dtype = torch.float32
+    say_early(f"loading {unet_path.name} and {vae_path.name} on {device} ({str(dtype).replace('torch.', '')})")
     unet = load_unet(unet_path, device=device, dtype=dtype)
     vae = load_vae(vae_path, device=device, dtype=dtype)
 
     record_args = {k: v for k, v in vars(args).items()}
     for i, video in enumerate(videos):
         prefix = f"[{video.name}{f' {i + 1}/{len(videos)}' if len(videos) > 1 else ''}] "
+        show = progress_to_stderr(prefix)
+        say_early(f"{prefix}reading the video (it is decoded once to count its frames)")
         record = outpaint_video(video, args.out, unet, vae, ratios, options, device=device, dtype=dtype,
-                                weights={"unet": unet_path, "vae": vae_path}, progress=progress_to_stderr(prefix),
-                                argv=record_args)
+                                weights={"unet": unet_path, "vae": vae_path}, progress=show, argv=record_args)
         for path in record["outputs"].values():
             print(path, flush=True)
         for ratio, note in record["skipped_ratios"].items():
-            print(f"{prefix}note: {ratio} skipped: {note}", file=sys.stderr)
+            show(f"note: {ratio} skipped: {note}")
     return 0
 
 

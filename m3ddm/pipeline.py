@@ -38,7 +38,7 @@ from .sampler import (assemble_conditioning, clip_noise, denoise_clip, encode_gl
                       sampler_branches, sampling_timesteps)
 from .masks import latent_mask
 from .schedule import DEFAULT_STRIDES, Schedule, build_schedule, global_frame_indices, unet_fps
-from .schedulers import DDIMScheduler, PNDMScheduler
+from .schedulers import SCHEDULERS, DDIMScheduler, PNDMScheduler
 
 CLIP_LEN = 16
 
@@ -71,8 +71,8 @@ class OutpaintOptions:
     vae_batch: int = 8
 
     def check(self) -> "OutpaintOptions":
-        if self.scheduler not in ("pndm", "ddim"):
-            raise UserError(f"Scheduler {self.scheduler!r} is unknown; use pndm or ddim.")
+        if self.scheduler not in SCHEDULERS:
+            raise UserError(f"--scheduler {self.scheduler!r} is unknown; use {' or '.join(SCHEDULERS)}.")
         if not 1 <= int(self.steps) <= 1000:
             raise UserError(f"--steps {self.steps} is out of range; use 1 to 1000 (50 is the default).")
         if self.scheduler == "pndm" and self.steps < 2:
@@ -246,7 +246,24 @@ class Outpainter:
             self._encode_inputs([idx[k] for k in new], masked[new])
         return {f: (masked[k], src[k]) for k, f in enumerate(idx)}
 
-    def _sample(self, clip, context, black) -> torch.Tensor:
+    def _say(self, line: str):
+        if self.progress is not None:
+            self.progress(line)
+
+    def _step_reporter(self, c: int):
+        """on_step hook of the first clip: `clip 1/n  step i/N` about ten times (no host sync), so the first
+        clip's minutes are not silent; later clips report once each (`_report`)."""
+        if c > 0 or self.progress is None:
+            return None
+        total, n = len(sampling_timesteps(make_scheduler(self.options))[1]), len(self.schedule.clips)
+        every = max(1, total // 10)
+
+        def on_step(i, *_):
+            if i == 0 or (i + 1) % every == 0:
+                self._say(f"clip 1/{n}  step {i + 1}/{total}")
+        return on_step
+
+    def _sample(self, clip, context, black, on_step=None) -> torch.Tensor:
         """Denoise one clip; stores the latents it writes first. Returns (1, 4, 16, h, w) on the device."""
         opts, h = self.options, self.geom.latent_size
         t0 = time.perf_counter()
@@ -258,7 +275,8 @@ class Outpainter:
         scheduler = make_scheduler(opts)
         final = denoise_clip(self.unet, scheduler, filled_lat.to(self.device), noise, cond, context,
                              unet_fps(self.fps, clip.stride), opts.guidance_local, opts.guidance_global,
-                             plain=opts.plain, generator=torch.Generator("cpu").manual_seed(int(opts.seed)))
+                             plain=opts.plain, generator=torch.Generator("cpu").manual_seed(int(opts.seed)),
+                             on_step=on_step)
         for k in clip.store:                                                # first writer wins
             self.stored[clip.frames[k]] = final[0, :, k].cpu().clone()
         self.stats.timings["sample"] += time.perf_counter() - t0
@@ -290,6 +308,8 @@ class Outpainter:
     @torch.no_grad()
     def run(self, emit: Callable[[FinalFrame], None]) -> RunStats:
         t0 = time.perf_counter()
+        if self.global_pixels is not None:
+            self._say(f"encoding {len(self.global_pixels)} global frames")
         context = self._global_context()
         black = self._black_latent()                                        # (1, 4, h, w)
         self.stats.timings["global"] += time.perf_counter() - t0
@@ -302,8 +322,10 @@ class Outpainter:
         start = time.perf_counter()
         try:
             for c, clip in enumerate(self.schedule.clips):
+                if c == 0:
+                    self._say(f"clip 1/{len(self.schedule.clips)}: reading and encoding its frames")
                 pixels = self._clip_pixels(clip)
-                final = self._sample(clip, context, black)
+                final = self._sample(clip, context, black, self._step_reporter(c))
                 pending.update({f.index: f for f in self._finish(clip, final, pixels)})
                 t1 = time.perf_counter()
                 while next_out in pending:
@@ -334,10 +356,23 @@ def _hms(seconds: float) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
-def _global_pixels(frames_at: Callable[[list], torch.Tensor], num_frames: int, options: OutpaintOptions):
+def global_frames_note(num_frames: int, options: OutpaintOptions) -> Optional[str]:
+    """The note when --global-frames asks for more frames than the video has (linspace then repeats some)."""
+    if options.global_frames <= num_frames:
+        return None
+    return (f"note: the video has {num_frames} frame(s) but {options.global_frames} global frames are asked for "
+            "(--global-frames), so some global frames are repeats.")
+
+
+def _global_pixels(frames_at: Callable[[list], torch.Tensor], num_frames: int, options: OutpaintOptions,
+                   progress=None):
     """Global frames (G, 3, S, S) in [-1, 1], squashed to S x S, or None for G = 0."""
     if options.global_frames == 0:
         return None, []
+    note = global_frames_note(num_frames, options)
+    if progress is not None:
+        for line in ([note] if note else []) + [f"reading {options.global_frames} global frames"]:
+            progress(line)
     idx = global_frame_indices(num_frames, options.global_frames)
     return global_frames_to_model(frames_at(idx), options.size), idx
 
@@ -372,7 +407,7 @@ class OutpaintResult:
 
 def outpaint_frames(frames: np.ndarray, unet, vae, ratios: Sequence[tuple] = ((16, 9),), fps: float = 30.0,
                     options: Optional[OutpaintOptions] = None, geometry: Optional[CanvasGeometry] = None,
-                    device="cpu", dtype=None, progress=None) -> OutpaintResult:
+                    device="cpu", dtype=None, progress="stderr") -> OutpaintResult:
     """Outpaint an in-memory video. For evaluate.py's model method.
 
     frames: uint8 numpy (N, H, W, 3) RGB, N >= 1. ratios: target (a, b) ratios (W:H), e.g. [(16, 9)].
@@ -380,9 +415,11 @@ def outpaint_frames(frames: np.ndarray, unet, vae, ratios: Sequence[tuple] = ((1
     geometry: a ready canvas.CanvasGeometry (e.g. canvas_geometry((H, W), ratios, size)) to impose the
     canvas; by default it is computed from the frames, `ratios` and options.size.
     device / dtype: where and how to run (dtype None: the UNet's own dtype).
+    progress: "stderr" (default: a line per stage, about ten for the first clip's steps, one per clip, and
+    `note:` lines), None (silent), or a callable that gets each line.
     Returns an OutpaintResult; the kept region of every output equals the source on its canvas.
     """
-    options = (options or OutpaintOptions()).check()
+    options, progress = (options or OutpaintOptions()).check(), _progress(progress)
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] < 1:
         raise UserError(f"frames must be uint8 (N, H, W, 3) with N >= 1, received {frames.dtype} {frames.shape}; "
@@ -392,7 +429,7 @@ def outpaint_frames(frames: np.ndarray, unet, vae, ratios: Sequence[tuple] = ((1
     _check_models(unet, vae, options)
     dtype = dtype or next(unet.parameters()).dtype
     source = ArrayFrames(frames)
-    gpx, _ = _global_pixels(source.get, len(frames), options)
+    gpx, _ = _global_pixels(source.get, len(frames), options, progress)
     engine = Outpainter(unet, vae, source, len(frames), fps, geom, gpx, options, device, dtype, progress)
     out = []
     engine.run(out.append)
@@ -456,16 +493,16 @@ def _preview(rows: list, mask: torch.Tensor) -> np.ndarray:
 
 
 def outpaint_video(path, out_dir, unet, vae, ratios: Sequence[tuple], options: Optional[OutpaintOptions] = None,
-                   device="cpu", dtype=None, weights: Optional[dict] = None, progress=None,
+                   device="cpu", dtype=None, weights: Optional[dict] = None, progress="stderr",
                    argv: Optional[dict] = None) -> dict:
     """Outpaint one video file to every ratio. Returns the run record (also written as <stem>.json).
 
     Writes `out_dir/<stem>_<a>-<b>.mp4` per ratio (H.264, source fps, source audio copied),
     `<stem>.json` and `<stem>_preview.png`. Nothing appears under a final name unless complete.
-    weights: {"unet": path, "vae": path} for the record (their sha256 is recorded).
+    weights: {"unet": path, "vae": path} for the record (their sha256 is recorded). progress: as outpaint_frames.
     """
     from .video import probe, read_frames_at
-    options = (options or OutpaintOptions()).check()
+    options, progress = (options or OutpaintOptions()).check(), _progress(progress)
     t_start = time.perf_counter()
     info = probe(path)
     ratios = [tuple(r) for r in ratios]
@@ -484,7 +521,8 @@ def outpaint_video(path, out_dir, unet, vae, ratios: Sequence[tuple], options: O
     _check_models(unet, vae, options)
     dtype = dtype or next(unet.parameters()).dtype
 
-    gpx, gidx = _global_pixels(lambda idx: frames_to_tensor(read_frames_at(path, idx, info)), info.num_frames, options)
+    gpx, gidx = _global_pixels(lambda idx: frames_to_tensor(read_frames_at(path, idx, info)), info.num_frames, options,
+                               progress)
     engine = Outpainter(unet, vae, StreamingFrames(path, info), info.num_frames, info.fps, geom, gpx, options,
                         device, dtype, progress)
     n_out = engine.schedule.num_output
@@ -535,7 +573,7 @@ def outpaint_video(path, out_dir, unet, vae, ratios: Sequence[tuple], options: O
                      "crops": {ratio_label(r): list(b) for r, b in geom.crops.items()},
                      "full_res": {ratio_label(r): list(full_res_layout(geom, r).out_hw) for r in geom.ratios}
                      if options.keep_resolution else {}},
-        "global_frame_indices": gidx,
+        "global_frame_indices": gidx, "notes": [n for n in [global_frames_note(info.num_frames, options)] if n],
         "strides_used": list(engine.schedule.strides),
         "clips_per_stride": {str(k): v for k, v in stats.clips_per_stride.items()},
         "num_clips": len(engine.schedule.clips),
@@ -593,3 +631,8 @@ def _sha256(path) -> str:
 
 def progress_to_stderr(prefix: str = "") -> Callable[[str], None]:
     return lambda line: print(f"{prefix}{line}", file=sys.stderr, flush=True)
+
+
+def _progress(progress) -> Optional[Callable[[str], None]]:
+    """The entry points' `progress`: "stderr" -> lines on stderr, None -> silent, a callable -> itself."""
+    return progress_to_stderr() if progress == "stderr" else progress

@@ -7,6 +7,7 @@ All schedule scalars are 0-d float32 tensors, so a step keeps the dtype of the s
 import torch
 
 NUM_TRAIN_TIMESTEPS = 1000
+SCHEDULERS = ("pndm", "ddim")  # the names sample.py, evaluate.py and OutpaintOptions accept (first: the default)
 
 
 def alphas_cumprod(num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_start=0.00085, beta_end=0.012):

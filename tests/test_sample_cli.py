@@ -199,3 +199,49 @@ def test_weights_missing_or_wrong_kind(real_videos, tmp_path, weights, capsys, m
     monkeypatch.setattr(sample, "DEFAULT_VAE", tmp_path / "demo_vae.safetensors")
     expect_error([src, "--out", out], capsys, ["No UNet weights", "--unet", "demo_unet.safetensors"], out)
     expect_error([src, "--out", out, "--unet", unet], capsys, ["No VAE weights", "--vae", "demo_vae.safetensors"], out)
+
+
+# ----------------------------------------------------------------------------------------------------
+# options named in messages, notes, progress before the first clip is done
+
+
+def test_size_error_names_the_option(real_videos, tmp_path, weights, capsys):
+    expect_error([real_videos / "pyfeat_single_face.mp4", "--ratio", "1:1", "--size", "100", "--out", tmp_path / "o",
+                  *weights], capsys, ["--size 100", "multiple of 64"], tmp_path / "o")
+    assert "multiple of 64" in " ".join(sample.build_parser().format_help().split())
+
+
+def test_scheduler_choices_are_the_one_list():
+    from m3ddm.schedulers import SCHEDULERS
+    action = next(a for a in sample.build_parser()._actions if a.dest == "scheduler")
+    assert tuple(action.choices) == SCHEDULERS and action.default == SCHEDULERS[0]
+
+
+def test_notes_and_progress_before_the_first_clip_is_done(real_videos, tmp_path, weights, capsys, monkeypatch):
+    """--plain --dtype bf16 and --global-frames above the frame count each give one note; the stages and the
+    first clip's steps are shown (weights and probing too, on a terminal)."""
+    src = tmp_path / "short.mp4"
+    with VideoWriter(src, 48, 36, 10) as writer:                        # 4:3, 6 frames
+        writer.write(read_frames_at(real_videos / "opencv_cup.mp4", range(6))[:, ::10, ::10][:, :36, :48])
+    monkeypatch.setattr(sample.sys.stderr, "isatty", lambda: True)
+    rc, out, err = run_cli([src, "--out", tmp_path / "o", "--size", "64", "--scheduler", "ddim", "--steps", "10",
+                            "--global-frames", "8", "--plain", "--dtype", "bf16", *weights], capsys)
+    assert rc == 0, err
+    lines = err.strip().splitlines()
+    notes = [line for line in lines if "note: " in line]
+    assert len(notes) == 2, err
+    assert notes[0] == "note: --plain runs the reference-shaped path in fp32; --dtype bf16 is not used."
+    assert notes[1].startswith("[short.mp4] note: ") and "6 frame(s)" in notes[1] and "8 global frames" in notes[1]
+    assert lines[1].startswith("loading unet.safetensors and vae.safetensors on cpu (float32)")
+    for stage in ("reading the video", "reading 8 global frames", "encoding 8 global frames",
+                  "clip 1/1: reading and encoding its frames", "clip 1/1  step 1/10", "clip 1/1  step 10/10",
+                  "stride  1  clip 1/1"):
+        assert any(stage in line for line in lines), (stage, err)
+    steps = [line for line in lines if "  step " in line]
+    assert len(steps) == 10  # every step of 10 (at most about ten lines for any step count)
+    record = json.loads((tmp_path / "o" / "short.json").read_text())
+    assert record["notes"] == [notes[1][len("[short.mp4] "):]] and record["options"]["plain"]
+    assert record["dtype"] == "float32"
+    rc, out, err = run_cli([src, "--out", tmp_path / "o2", "--size", "64", "--scheduler", "ddim", "--steps", "2",
+                            "--global-frames", "6", *weights], capsys)
+    assert rc == 0 and "note:" not in err  # as many global frames as frames: nothing to say
