@@ -9,7 +9,9 @@ m3ddm.demo): written once here.
   went away) are raised in the main thread as `Interrupted` (a KeyboardInterrupt), so every `finally` and
   `except BaseException` on the way out runs its cleanup (writers aborted, temporary files deleted); then
   one line `error: interrupted by SIGTERM; <note>.` and exit code 128 + the signal number (130, 143, 129).
-  Further signals during that cleanup are ignored, so it cannot be cut short (SIGKILL still can; its
+  Whatever a cut-short body could not clean up itself (a signal landing between a writer's creation and the
+  code that would abort it) is cleaned up here: open video writers are aborted and this process's temporary
+  files deleted (`m3ddm.files.remove_own_temps`). Further signals during that cleanup are ignored, so it cannot be cut short (SIGKILL still can; its
   debris is removed by the next run over the folder, see m3ddm/files.py).
 - `M3DDM_DEBUG=1` prints the traceback as well. Any other exception is a bug and raises with its traceback.
 """
@@ -22,6 +24,7 @@ import threading
 import traceback
 from typing import Callable
 
+from . import files
 from .errors import UserError
 
 DEBUG_ENV = "M3DDM_DEBUG"
@@ -63,16 +66,26 @@ def _debug():
         traceback.print_exc(file=sys.stderr)
 
 
+def _cleanup():
+    """What a cut-short body left behind: its open video writers (if it used any), then its temporary files."""
+    video = sys.modules.get(f"{__package__}.video")
+    if video is not None:
+        video.abort_open_writers()
+    files.remove_own_temps()
+
+
 def run(body: Callable[[], int], interrupted: str = "") -> int:
     """Run a command line's body; returns its exit code (the body's return value, 0 for None)."""
     previous = _install_handlers()
     try:
         return int(body() or 0)
     except UserError as e:
+        _cleanup()
         _debug()
         _say(f"error: {e}")
         return 2
     except KeyboardInterrupt as e:
+        _cleanup()
         signum = getattr(e, "signum", signal.SIGINT)
         _debug()
         _say(f"error: interrupted by {signal.Signals(signum).name}" + (f"; {interrupted}" if interrupted else "")

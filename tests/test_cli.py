@@ -4,6 +4,7 @@ import os
 import signal
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import ROOT
@@ -89,3 +90,40 @@ def test_every_cli_uses_the_helper(module, tmp_path, capsys, monkeypatch):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert "nonexistent" in lines[0] or "nonsense" in lines[0], err
+
+
+def test_a_signal_between_creation_and_cleanup_code_leaves_nothing(tmp_path, capsys):
+    """The race a real SIGINT once hit: the writer exists (temporary file, ffmpeg running) but the code that
+    would abort it never saw it. cli.run aborts open writers and deletes this process's temporaries."""
+    from m3ddm import files
+    from m3ddm.video import VideoWriter
+
+    held = []                                              # keeps the writer alive: no __del__ to rescue it
+
+    def body():
+        held.append(VideoWriter(tmp_path / "out.mp4", 16, 16, 25))
+        held[0].write(np.zeros((2, 16, 16, 3), np.uint8))
+        files.create_temp(tmp_path / "side.json")         # as if the signal hit inside create_temp's caller
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(1000):
+            pass
+        raise AssertionError("not reached")
+    ffmpeg_before = _children()
+    assert cli.run(body) == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []
+    assert _children() <= ffmpeg_before                    # the writer's ffmpeg was stopped, not left running
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def _children() -> set:
+    """PIDs of this process's child processes (Linux /proc)."""
+    me = str(os.getpid())
+    kids = set()
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                if open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1] == me:
+                    kids.add(d)
+            except (OSError, IndexError):
+                pass
+    return kids
