@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from m3ddm import canvas, data, pipeline, video, weights
+from m3ddm import canvas, cli, data, pipeline, video, weights
 from m3ddm import metrics as M
 from m3ddm.errors import UserError
 from m3ddm.schedulers import SCHEDULERS
@@ -387,8 +387,7 @@ def load_lpips_if_present(args):
 
 def progress(text, end=None):
     """One line rewritten in place on a terminal (end it with end="\\n"); in a log, one line each."""
-    tty = sys.stderr.isatty()
-    print(f"\r{text}\033[K" if tty else text, end=end or ("" if tty else "\n"), file=sys.stderr, flush=True)
+    cli.progress_line(text, final=end == "\n")
 
 
 class Evaluation:
@@ -559,7 +558,6 @@ def summary_markdown(record, table):
 
 
 def main(argv=None):
-    from m3ddm import cli
     args = parse_args(argv)
     return cli.run(lambda: run(args), interrupted="no partial report was kept")
 

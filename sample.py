@@ -86,8 +86,9 @@ def weights_path(given, default: Path, kind: str) -> Path:
 def say_early(text: str):
     """A progress line from before a video is checked: to a terminal only, so that a bad input gets its one
     `error:` line and nothing else in logs (the stage lines that follow the checks always go to stderr)."""
+    from m3ddm import cli
     if sys.stderr.isatty():
-        print(text, file=sys.stderr, flush=True)
+        cli.progress_line(text)
 
 
 def main(argv=None) -> int:

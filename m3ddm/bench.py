@@ -155,7 +155,7 @@ def measure(section: str, name: str, fn: Callable, args, device: torch.device,
 
 
 def progress(message: str):
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
+    cli.progress_line(f"[bench] {message}")
 
 
 # ----------------------------------------------------------------------------------------------------

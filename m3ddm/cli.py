@@ -53,12 +53,23 @@ def _install_handlers() -> dict:
     return {s: signal.signal(s, handler) for s in SIGNALS}
 
 
-def _say(line: str):
-    prefix = "\r\033[K" if sys.stderr.isatty() else ""    # over an unfinished progress line, not below it
+_line_open = False       # a terminal line was written without its newline (progress rewritten in place)
+
+
+def progress_line(text: str, final: bool = True):
+    """One progress line on stderr, the one way every command line writes them: on a terminal a non-final line
+    is rewritten in place, and the next line replaces it; in a log every line is whole. Always ONE write, so a
+    signal can never land between a line and its newline (the error line after it would be glued on)."""
+    global _line_open
+    tty = sys.stderr.isatty()
+    start = "\r" if _line_open else ""
+    end = "\033[K\n" if _line_open and final else "\n" if final or not tty else "\033[K"
     try:
-        print(prefix + line, file=sys.stderr, flush=True)
+        sys.stderr.write(start + text + end)
+        sys.stderr.flush()
     except (OSError, ValueError):                           # the terminal is gone (SIGHUP)
         pass
+    _line_open = tty and not final
 
 
 def _debug():
@@ -82,13 +93,13 @@ def run(body: Callable[[], int], interrupted: str = "") -> int:
     except UserError as e:
         _cleanup()
         _debug()
-        _say(f"error: {e}")
+        progress_line(f"error: {e}")
         return 2
     except KeyboardInterrupt as e:
         _cleanup()
         signum = getattr(e, "signum", signal.SIGINT)
         _debug()
-        _say(f"error: interrupted by {signal.Signals(signum).name}" + (f"; {interrupted}" if interrupted else "")
+        progress_line(f"error: interrupted by {signal.Signals(signum).name}" + (f"; {interrupted}" if interrupted else "")
              + ".")
         return 128 + int(signum)
     finally:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -630,7 +629,8 @@ def _sha256(path) -> str:
 
 
 def progress_to_stderr(prefix: str = "") -> Callable[[str], None]:
-    return lambda line: print(f"{prefix}{line}", file=sys.stderr, flush=True)
+    from .cli import progress_line
+    return lambda line: progress_line(f"{prefix}{line}")
 
 
 def _progress(progress) -> Optional[Callable[[str], None]]:

@@ -12,12 +12,12 @@ finds checkpoints atomically, keeps metrics.jsonl consistent with a resumed run,
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from .cli import progress_line
 from .errors import UserError
 from .weights import save_model
 
@@ -109,7 +109,6 @@ class RunLog:
     def __init__(self, folder, enabled, total_steps, resume_step=0):
         self.enabled, self.total_steps = enabled, total_steps
         self.path = Path(folder) / "metrics.jsonl"
-        self.tty = sys.stderr.isatty()
         self.t0, self.step0 = time.time(), resume_step
         self.t_lap = self.t0
         if enabled and self.path.exists():
@@ -155,9 +154,8 @@ class RunLog:
         eta = (self.total_steps - step) / rate if rate > 0 else 0.0
         line = (f"step {step}/{self.total_steps} {text} "
                 f"ETA {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}")
-        end = "\n" if (final or not self.tty) else ""
-        print(("\r" if self.tty else "") + line, end=end, file=sys.stderr, flush=True)
+        progress_line(line, final=final)
 
     def message(self, text):
         if self.enabled:
-            print(("\n" if self.tty else "") + text, file=sys.stderr, flush=True)
+            progress_line(text)

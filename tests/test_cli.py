@@ -127,3 +127,33 @@ def _children() -> set:
             except (OSError, IndexError):
                 pass
     return kids
+
+
+class _Stream:
+    def __init__(self, tty):
+        self.tty, self.writes = tty, []
+
+    def isatty(self):
+        return self.tty
+
+    def write(self, text):
+        self.writes.append(text)
+
+    def flush(self):
+        pass
+
+
+@pytest.mark.parametrize("tty", [False, True])
+def test_progress_lines_are_one_write_each(tty, monkeypatch):
+    stream = _Stream(tty)
+    monkeypatch.setattr(cli.sys, "stderr", stream)
+    monkeypatch.setattr(cli, "_line_open", False)
+    cli.progress_line("step 1/2", final=False)
+    cli.progress_line("step 2/2", final=False)
+    cli.progress_line("error: interrupted by SIGTERM.")
+    cli.progress_line("done")
+    if tty:     # rewritten in place; the line after it replaces it and ends it
+        assert stream.writes == ["step 1/2\033[K", "\rstep 2/2\033[K", "\rerror: interrupted by SIGTERM.\033[K\n",
+                                 "done\n"]
+    else:       # a log: whole lines, each with its newline in the same write
+        assert stream.writes == ["step 1/2\n", "step 2/2\n", "error: interrupted by SIGTERM.\n", "done\n"]
