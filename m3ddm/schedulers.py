@@ -241,14 +241,16 @@ class DPMSolverPlusPlusScheduler:
     N < 15. These are diffusers' DPMSolverMultistepScheduler rules (solver_order 2, midpoint, no
     thresholding, euler_at_final False). sigmas has N + 1 entries: one per timestep plus the final one.
 
-    spacing: "linspace" (diffusers' default), "leading" (with steps_offset, SD-1.5's 1) or "trailing".
+    spacing: "trailing" (default: every N starts at T - 1, so results converge as N grows; see the README's
+    solver study), "linspace" (diffusers' default, nearly the same grid) or "leading" (with steps_offset,
+    SD-1.5's 1; its start, e.g. 941 for N = 20, moves with N like PNDM's and DDIM's).
     use_karras_sigmas: N Karras sigmas between the training schedule's sigma_min and sigma_max instead;
     the UNet is then called at the nearest-by-log-sigma integer timestep (possibly repeated).
     """
 
     order = 1
 
-    def __init__(self, num_inference_steps=20, spacing="leading", use_karras_sigmas=False,
+    def __init__(self, num_inference_steps=20, spacing="trailing", use_karras_sigmas=False,
                  final_sigmas_type="zero", lower_order_final=True, num_train_timesteps=NUM_TRAIN_TIMESTEPS,
                  beta_start=0.00085, beta_end=0.012, steps_offset=1):
         _check_steps(num_inference_steps, num_train_timesteps)

@@ -234,7 +234,7 @@ def test_dpm_first_step_is_ddim_and_lower_order_final():
     ac = alphas_cumprod().double()
     g = torch.Generator().manual_seed(12)
     x, e1, e2 = (torch.randn(6, generator=g, dtype=torch.float64) for _ in range(3))
-    s = DPMSolverPlusPlusScheduler(2, final_sigmas_type="sigma_min")
+    s = DPMSolverPlusPlusScheduler(2, spacing="leading", final_sigmas_type="sigma_min")
     s.sigmas = s.sigmas.double()
     t0, t1 = s.timesteps.tolist()                                     # 667, 334 (leading, r = 333, offset 1)
     assert (t0, t1) == (667, 334)
@@ -265,7 +265,7 @@ def test_dpm_bad_input_raises():
     for bad in (0, 1001, 2.5, True):
         with pytest.raises(ValueError, match=f"received {bad!r}"):
             DPMSolverPlusPlusScheduler(bad)
-    s, x = DPMSolverPlusPlusScheduler(2), torch.zeros(1, 4, 2, 2)
+    s, x = DPMSolverPlusPlusScheduler(2, spacing="leading"), torch.zeros(1, 4, 2, 2)
     with pytest.raises(ValueError, match="expects timestep 667, received 666"):
         s.step(x, 666, x)
     s.step(x, 667, x)
@@ -280,6 +280,7 @@ def test_dpm_bad_input_raises():
 
 def test_scheduler_names_and_quality_presets():
     assert SCHEDULERS == ("pndm", "ddim", "dpm++")
+    assert make_scheduler("dpm++", 20).timesteps.tolist() == list(range(999, 0, -50))   # trailing by default
     kinds = {"pndm": PNDMScheduler, "ddim": DDIMScheduler, "dpm++": DPMSolverPlusPlusScheduler}
     for name in SCHEDULERS:
         s = make_scheduler(name, 20)
@@ -351,7 +352,7 @@ def test_dpm_in_the_clip_sampler(tiny_models):
         seen = []
         out = denoise_clip(unet, DPMSolverPlusPlusScheduler(8), start, noise, cond, context, 4,
                            on_step=lambda i, t, raw, eps, x: seen.append((t, eps.clone(), x.clone())))
-    ref = diffusers_dpm(d, 8, "leading")
+    ref = diffusers_dpm(d, 8, "trailing")                            # our default spacing
     assert [t for t, _, _ in seen] == ref.timesteps.tolist()
     x = add_noise(start, noise, int(ref.timesteps[0]), alphas_cumprod())
     for t, eps, ours in seen:
