@@ -252,7 +252,8 @@ def study_clip(unet, vae, clip: StudyClip, args, bar: Progress) -> dict:
             vs = compare(vae, finals[r["solver"], r["steps"]], pndm50, pndm50_frames, clip.band)
             r.update({"rel_l2_vs_pndm50": vs["rel_l2"], "psnr_band_vs_pndm50": vs["psnr_band"]})
     return {"clip": clip.name, "reference": {"steps": args.reference_steps, "wall_s": round(ref["wall_s"], 3)},
-            "convergence_check": {"steps": args.check_steps, **converged}, "rows": rows}
+            "convergence_check": {"steps": args.check_steps, "wall_s": round(check["wall_s"], 3), **converged},
+            "rows": rows}
 
 
 def fastest_matching(clips: list, solver: str = "dpm++") -> dict:
@@ -303,8 +304,9 @@ def format_table(result: dict) -> str:
     fast = result["fast"]
     lines.append(f"fewest {fast['solver']} steps with error <= PNDM-50's on every clip: {fast['steps']}"
                  if fast["solver"] else f"--quality fast: {fast['note']}")
-    lines.append(f"total {result['wall_s'] / 60:.1f} min; load average before/after {result['load_before']} / "
-                 f"{result['load_after']}")
+    lines.append(f"this run {result['wall_s'] / 60:.1f} min; the UNet runs took {result['runs_wall_s'] / 60:.1f} min "
+                 f"when computed (runs kept from an earlier invocation are not recomputed); load average before/after "
+                 f"{result['load_before']} / {result['load_after']}")
     return "\n".join(lines)
 
 
@@ -326,7 +328,8 @@ def plot(result: dict, path: Path) -> bool:
     summary = result["summary"]
     for solver in dict.fromkeys(r["solver"] for r in summary):
         rows = sorted((r for r in summary if r["solver"] == solver), key=lambda r: r["unet_calls"])
-        ax.plot([r["unet_calls"] for r in rows], [r["rel_l2"] for r in rows], marker="o", label=solver)
+        label = "dpm++ (trailing, the default)" if solver == "dpm++" else solver
+        ax.plot([r["unet_calls"] for r in rows], [r["rel_l2"] for r in rows], marker="o", label=label)
     bar = next((r["rel_l2"] for r in summary if r["solver"] == "pndm" and r["steps"] == 50), None)
     if bar is not None:
         ax.axhline(bar, color="grey", linestyle="--", linewidth=1, label="PNDM-50's error")
@@ -448,7 +451,9 @@ def run_study(args) -> dict:
     clips = [study_clip(unet, vae, load_clip(v, unet, vae, args), args, bar) for v in args.videos]
     result = {"settings": settings, "solvers": args.solvers, "steps": args.steps, "clips": clips,
               "summary": summarise(clips), "fast": fastest_matching(clips),
-              "wall_s": round(time.perf_counter() - t0, 1), "torch_threads": torch.get_num_threads(),
+              "wall_s": round(time.perf_counter() - t0, 1), "runs_wall_s": round(sum(
+                  c["reference"]["wall_s"] + c["convergence_check"]["wall_s"] + sum(r["wall_s"] for r in c["rows"])
+                  for c in clips), 1), "torch_threads": torch.get_num_threads(),
               "load_before": load_before,
               "load_after": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None}
     return result
