@@ -51,9 +51,9 @@ class OutpaintOptions:
     global_frames: G frames at linspace(0, N-1, G) (0 = no global condition). limit_frames: output only
     the first L frames (None = all). seed: per-clip noise seed. scheduler/steps: "pndm" (reference),
     "ddim" or "dpm++" (schedulers.SCHEDULERS). guidance_local / guidance_global: see sampler.py.
-    feather: px of blending at the seam (0 = hard paste). keep_resolution: also composite at the source's full resolution. vae_sample:
-    sample the VAE posterior (seeded) instead of its mean. plain: the reference-shaped slow path.
-    vae_batch: images per VAE call.
+    feather: px of blending at the seam (0 = hard paste). keep_resolution: also composite at the source's
+    full resolution. vae_sample: sample the VAE posterior (seeded) instead of its mean. plain: the
+    reference-shaped slow path. vae_batch: images per VAE call.
     """
     size: int = 256
     strides: tuple = DEFAULT_STRIDES
@@ -75,10 +75,6 @@ class OutpaintOptions:
             raise UserError(f"Scheduler {self.scheduler!r} is unknown; use {' or '.join(schedulers.SCHEDULERS)}.")
         if not 1 <= int(self.steps) <= 999:   # 1000 leading steps would start at timestep 1000, past the schedule
             raise UserError(f"--steps {self.steps} is out of range; use 1 to 999 (50 is the default).")
-        try:
-            make_scheduler(self)
-        except ValueError as e:   # a grid the scheduler cannot lay out (dpm++ leading: at most 998 steps)
-            raise UserError(f"--steps {self.steps} does not work with --scheduler {self.scheduler} ({e}).") from None
         if self.scheduler == "pndm" and self.steps < 2:
             raise UserError("--steps 1 with the pndm scheduler runs no denoising step (the reference loop skips "
                             "the first timestep); use --steps 2 or more, or --scheduler ddim.")

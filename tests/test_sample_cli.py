@@ -246,7 +246,8 @@ def test_cli_quality_presets(real_videos, weights, tmp_path, capsys):
     assert (record["options"]["scheduler"], record["options"]["steps"]) == QUALITY["fast"]
     assert record["unet_calls"] == QUALITY["fast"][1] * record["num_clips"]
     for extra in (["--steps", "10"], ["--scheduler", "ddim"]):
-        expect_error([src, "--ratio", "1:1", "--out", tmp_path / "o", "--quality", "fast", *extra, *weights], capsys,
+        expect_error([src, "--ratio", "1:1", "--out", tmp_path / "o", "--size", "64", "--quality", "fast", *extra,
+                      *weights], capsys,
                      ["--quality fast", "either --quality or --scheduler/--steps"], tmp_path / "o")
-    expect_error([src, "--ratio", "1:1", "--out", tmp_path / "o", "--scheduler", "dpm++", "--steps", "999", *weights],
-                 capsys, ["--steps 999", "dpm++"], tmp_path / "o")
+    expect_error([src, "--ratio", "1:1", "--out", tmp_path / "o", "--size", "64", "--scheduler", "dpm++", "--steps",
+                  "1000", *weights], capsys, ["--steps 1000", "1 to 999"], tmp_path / "o")
