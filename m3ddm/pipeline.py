@@ -37,7 +37,7 @@ from .sampler import (assemble_conditioning, clip_noise, denoise_clip, encode_gl
                       sampler_branches, sampling_timesteps)
 from .masks import latent_mask
 from .schedule import DEFAULT_STRIDES, Schedule, build_schedule, global_frame_indices, unet_fps
-from .schedulers import SCHEDULERS, DDIMScheduler, PNDMScheduler
+from . import schedulers
 
 CLIP_LEN = 16
 
@@ -48,11 +48,11 @@ class OutpaintOptions:
 
     size: side S of the square working canvas (multiple of 64). strides: coarse-to-fine grid strides.
     global_frames: G frames at linspace(0, N-1, G) (0 = no global condition). limit_frames: output only
-    the first L frames (None = all). seed: per-clip noise seed. scheduler/steps: "pndm" (reference) or
-    "ddim". guidance_local / guidance_global: see sampler.py. feather: px of blending at the seam
-    (0 = hard paste). keep_resolution: also composite at the source's full resolution. vae_sample:
-    sample the VAE posterior (seeded) instead of its mean. plain: the reference-shaped slow path.
-    vae_batch: images per VAE call.
+    the first L frames (None = all). seed: per-clip noise seed. scheduler/steps: "pndm" (reference),
+    "ddim" or "dpm++" (schedulers.SCHEDULERS). guidance_local / guidance_global: see sampler.py.
+    feather: px of blending at the seam (0 = hard paste). keep_resolution: also composite at the source's
+    full resolution. vae_sample: sample the VAE posterior (seeded) instead of its mean. plain: the
+    reference-shaped slow path. vae_batch: images per VAE call.
     """
     size: int = 256
     strides: tuple = DEFAULT_STRIDES
@@ -70,10 +70,10 @@ class OutpaintOptions:
     vae_batch: int = 8
 
     def check(self) -> "OutpaintOptions":
-        if self.scheduler not in SCHEDULERS:
-            raise UserError(f"--scheduler {self.scheduler!r} is unknown; use {' or '.join(SCHEDULERS)}.")
-        if not 1 <= int(self.steps) <= 1000:
-            raise UserError(f"--steps {self.steps} is out of range; use 1 to 1000 (50 is the default).")
+        if self.scheduler not in schedulers.SCHEDULERS:
+            raise UserError(f"--scheduler {self.scheduler!r} is unknown; use {' or '.join(schedulers.SCHEDULERS)}.")
+        if not 1 <= int(self.steps) <= 999:   # 1000 leading steps would start at timestep 1000, past the schedule
+            raise UserError(f"--steps {self.steps} is out of range; use 1 to 999 (50 is the default).")
         if self.scheduler == "pndm" and self.steps < 2:
             raise UserError("--steps 1 with the pndm scheduler runs no denoising step (the reference loop skips "
                             "the first timestep); use --steps 2 or more, or --scheduler ddim.")
@@ -92,9 +92,7 @@ class OutpaintOptions:
 
 
 def make_scheduler(options: OutpaintOptions):
-    if options.scheduler == "pndm":
-        return PNDMScheduler(int(options.steps))
-    return DDIMScheduler(int(options.steps), eta=0.0)
+    return schedulers.make_scheduler(options.scheduler, int(options.steps))
 
 
 @dataclass
