@@ -417,11 +417,11 @@ def test_ddim_segment_steps_by_hand():
 def test_make_scheduler_start_timestep():
     ddim, dpm = make_scheduler("ddim", 10, 961), make_scheduler("dpm++", 10, 961)
     assert torch.equal(ddim.timesteps, segment_timesteps(10, 961)) and torch.equal(dpm.timesteps, ddim.timesteps)
-    assert dpm.final_sigmas_type == "sigma_min"                      # ends where PNDM and DDIM end
+    assert dpm.final_sigmas_type == "sigma_min" and dpm.euler_at_final  # ends where PNDM and DDIM end
     assert dpm.sigmas[-1] == ((1 - alphas_cumprod()[0]) / alphas_cumprod()[0]) ** 0.5
     for name in ("ddim", "dpm++"):                                   # no start_timestep: as before
         assert make_scheduler(name, 10).start_timestep is None
-    assert make_scheduler("dpm++", 10).final_sigmas_type == "zero"
+    assert make_scheduler("dpm++", 10).final_sigmas_type == "zero" and not make_scheduler("dpm++", 10).euler_at_final
 
 
 @pytest.mark.parametrize("n", [10, 20, 25, 50])
@@ -465,3 +465,26 @@ def test_dpm_segment_matches_diffusers_custom_timesteps(n, start, final):
         x, x_ref = ours.step(eps, t, x), ref.step(eps, t, x_ref).prev_sample
         assert rel_err(x, x_ref) <= 1e-6, f"step {i} (t={int(t)})"
     assert i + 1 == n
+
+
+@pytest.mark.parametrize("n, start", [(15, REFERENCE_START), (25, REFERENCE_START), (50, REFERENCE_START), (20, None)])
+def test_dpm_euler_at_final_matches_diffusers(n, start):
+    """euler_at_final (with sigma_min: a first-order last step at any N) step for step as diffusers' option."""
+    d = require_diffusers()
+    ours = DPMSolverPlusPlusScheduler(n, start_timestep=start, final_sigmas_type="sigma_min", euler_at_final=True)
+    ref = d.DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                        beta_schedule="scaled_linear", steps_offset=1, final_sigmas_type="sigma_min",
+                                        euler_at_final=True, timestep_spacing="trailing")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ref.set_timesteps(n) if start is None else ref.set_timesteps(timesteps=segment_timesteps(n, start).tolist())
+    assert torch.equal(ours.timesteps, ref.timesteps) and torch.equal(ours.sigmas, ref.sigmas)
+    plain = DPMSolverPlusPlusScheduler(n, start_timestep=start, final_sigmas_type="sigma_min")
+    g = torch.Generator().manual_seed(50 + n)
+    x = torch.randn(2, 4, 3, 5, 5, generator=g)
+    x_ref, x_plain = x.clone(), x.clone()
+    for i, t in enumerate(ours.timesteps):
+        eps = torch.randn(x.shape, generator=g)
+        x, x_ref, x_plain = ours.step(eps, t, x), ref.step(eps, t, x_ref).prev_sample, plain.step(eps, t, x_plain)
+        assert rel_err(x, x_ref) <= 1e-6, f"step {i} (t={int(t)})"
+    assert i + 1 == n and not torch.equal(x, x_plain)          # only the last step differs, and it does
