@@ -29,6 +29,7 @@ line) and, if matplotlib is installed (an optional extra, never a dependency), O
 """
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -393,11 +394,12 @@ def _num(value, fmt: str) -> str:
 
 
 def format_table(result: dict) -> str:
-    head = (f"{'solver':<22} {'start':>5} {'K':>3} {'calls':>5} | {'from 999: rel L2':>16} {'band dB':>7} | "
+    w = max([len("solver")] + [len(r["solver"]) for r in result["summary"]])
+    head = (f"{'solver':<{w}} {'start':>5} {'K':>3} {'calls':>5} | {'from 999: rel L2':>16} {'band dB':>7} | "
             f"{'same start: rel L2':>18} {'band dB':>7} | {'vs PNDM-50 band dB':>18} | {'wall s':>6}")
     lines = [head, "-" * len(head)]
     for r in result["summary"]:
-        lines.append(f"{r['solver']:<22} {_num(r.get('start'), 'd'):>5} {r['steps']:>3} {r['unet_calls']:>5.0f} | "
+        lines.append(f"{r['solver']:<{w}} {_num(r.get('start'), 'd'):>5} {r['steps']:>3} {r['unet_calls']:>5.0f} | "
                      f"{r['rel_l2']:>16.2e} {r['psnr_band']:>7.2f} | {_num(r.get('rel_l2_same_start'), '.2e'):>18} "
                      f"{_num(r.get('psnr_band_same_start'), '.2f'):>7} | "
                      f"{_num(r.get('psnr_band_vs_pndm50'), '.2f'):>18} | {r['wall_s']:>6.1f}")
@@ -439,8 +441,8 @@ def fast_line(fast: dict) -> str:
 
 def fast_numbers(fast: dict) -> tuple:
     """Per-clip numbers of the fast choice, 'a / b' over clips: its error, PNDM-50's, its PSNR vs PNDM-50."""
-    return (" / ".join(f"{v:.3f}" for v in fast["rel_l2_same_start"].values()),
-            " / ".join(f"{v:.3f}" for v in fast["pndm50_rel_l2_same_start"].values()),
+    return (" / ".join(f"{v:.2e}" for v in fast["rel_l2_same_start"].values()),
+            " / ".join(f"{v:.2e}" for v in fast["pndm50_rel_l2_same_start"].values()),
             " / ".join(f"{v:.1f}" for v in fast["psnr_band_vs_pndm50"].values()))
 
 
@@ -484,23 +486,29 @@ def markdown(result: dict) -> str:
 # Plot (optional: matplotlib is not a dependency)
 
 
-def plot_panel(ax, summary: list, error: str, check: list):
-    """One log-log panel: `error` vs UNet calls per solver, PNDM-50's level and the reference's convergence."""
+def plot_panel(ax, summary: list, key: str, check: list):
+    """One panel: `key` (a summary field) vs UNet calls per solver, log-log for errors (with PNDM-50's level and
+    the reference's convergence), log-linear for the PSNR against PNDM-50 (PNDM-50's own infinite one left out)."""
     for solver in dict.fromkeys(r["solver"] for r in summary):
-        rows = sorted((r for r in summary if r["solver"] == solver), key=lambda r: r["unet_calls"])
+        rows = sorted((r for r in summary if r["solver"] == solver and math.isfinite(r.get(key, math.inf))),
+                      key=lambda r: r["unet_calls"])
         label = "dpm++ (trailing, from 999)" if solver == "dpm++" else solver
-        ax.plot([r["unet_calls"] for r in rows], [r[error] for r in rows], marker="o", label=label)
-    bar = next((r[error] for r in summary if r["solver"] == "pndm" and r["steps"] == 50), None)
+        ax.plot([r["unet_calls"] for r in rows], [r[key] for r in rows], marker="o", label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("UNet calls per clip (each a batch of the guidance branches)")
+    ax.grid(True, which="both", alpha=0.3)
+    if key.startswith("psnr"):
+        ax.set_ylabel("band PSNR against PNDM-50's frames (dB)")
+        ax.legend(fontsize=7)
+        return
+    bar = next((r[key] for r in summary if r["solver"] == "pndm" and r["steps"] == 50), None)
     if bar is not None:
         ax.axhline(bar, color="grey", linestyle="--", linewidth=1, label="PNDM-50's error")
     if check:
         ax.axhline(sum(check) / len(check), color="black", linestyle=":", linewidth=1,
                    label="reference vs half its steps")
-    ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("UNet calls per clip (each a batch of the guidance branches)")
     ax.set_ylabel("final-latent relative L2")
-    ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
 
 
@@ -515,14 +523,19 @@ def plot(result: dict, path: Path) -> bool:
                  f"pip install matplotlib, then: python -m m3ddm.solver_study --plot-from {path.with_suffix('.json')}")
         return False
     summary = result["summary"]
-    panels = [("", "converged from t = 999", "convergence_check")]
+    panels = [("rel_l2", "to the solve converged from t = 999", "convergence_check")]
     if summary and "rel_l2_same_start" in summary[0]:
-        panels.append(("_same_start", f"converged from t = {REFERENCE_START} (PNDM-50's start)", "same_start_check"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), dpi=120, squeeze=False)
-    for ax, (sfx, title, check_key) in zip(axes[0], panels):
-        plot_panel(ax, summary, "rel_l2" + sfx, [c[check_key]["alpha0"]["rel_l2"] for c in result["clips"]])
-        ax.set_title(f"to the solve {title}", fontsize=9)
-    fig.suptitle(f"steps vs error, {len(result['clips'])} real clips, {result['settings']['unet']}", fontsize=9)
+        panels.append(("rel_l2_same_start", f"to the solve converged from t = {REFERENCE_START} (PNDM-50's start)",
+                       "same_start_check"))
+    if summary and "psnr_band_vs_pndm50" in summary[0]:
+        panels.append(("psnr_band_vs_pndm50", "closeness to PNDM-50's video (the reference implementation's)", None))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), dpi=120, squeeze=False)
+    for ax, (key, title, check_key) in zip(axes[0], panels):
+        plot_panel(ax, summary, key, [c[check_key]["alpha0"]["rel_l2"] for c in result["clips"]] if check_key else [])
+        ax.set_title(title, fontsize=9)
+    clips = len(result["clips"])
+    fig.suptitle(f"steps vs error, {clips} real clip{'s' if clips != 1 else ''}, {result['settings']['unet']}",
+                 fontsize=9)
     fig.tight_layout()
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
     try:
