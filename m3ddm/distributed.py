@@ -108,3 +108,77 @@ def set_tf32(enabled: bool):
     mode = "tf32" if enabled else "ieee"
     torch.backends.cuda.matmul.fp32_precision = mode
     torch.backends.cudnn.conv.fp32_precision = mode
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sharding a list of videos (sample.py, evaluate.py): who does which video, and results to rank 0
+
+SHARDING_TIMEOUT = timedelta(days=7)
+
+
+def setup_sharding(device_arg="auto", timeout: timedelta = SHARDING_TIMEOUT, env=None) -> World:
+    """This process's World for sharded sampling or evaluation: the device as in `setup`, but the process
+    group is gloo on every device. The ranks exchange only small Python objects (probe results at the start,
+    per-video results at the end), so no NCCL communicator (GPU memory, a watchdog) is needed, and gloo
+    notices at once when a peer process dies. The long timeout is for the end, where a rank that finished
+    early waits for the slowest one (up to about the longest video's time)."""
+    rank, local_rank, size = environment(env)
+    available = torch.cuda.is_available()
+    device = choose_device(device_arg, local_rank, size, available, torch.cuda.device_count() if available else 0)
+    if size > 1:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("gloo", timeout=timeout)
+    return World(rank, local_rank, size, device)
+
+
+def shard_by_cost(costs, size: int) -> list:
+    """Split items with the given costs over `size` ranks as evenly as the costs allow; returns, per rank, its
+    item indices in input order.
+
+    The LPT rule: items in decreasing cost (ties: the earlier item first) each go to the rank with the least
+    total so far (ties: the lower rank); the busiest rank ends within 4/3 of the best possible split. The
+    split depends only on the costs, so every rank computes the same one."""
+    if size < 1:
+        raise ValueError(f"size must be >= 1, got {size}")
+    loads, shards = [0] * size, [[] for _ in range(size)]
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        rank = min(range(size), key=lambda r: (loads[r], r))
+        shards[rank].append(i)
+        loads[rank] += costs[i]
+    return [sorted(s) for s in shards]
+
+
+def map_over_ranks(world: World, fn, items) -> list:
+    """[fn(item) for item in items] with the work split round robin over the ranks; every rank gets the
+    whole list (fn's results must be picklable)."""
+    mine = {i: fn(items[i]) for i in range(world.rank, len(items), world.size)}
+    if world.size == 1:
+        return [mine[i] for i in range(len(items))]
+    parts = [None] * world.size
+    dist.all_gather_object(parts, mine)
+    merged = {i: value for part in parts for i, value in part.items()}
+    return [merged[i] for i in range(len(items))]
+
+
+def gather_to_main(world: World, obj):
+    """Rank 0: [obj of rank 0, obj of rank 1, ...]; other ranks: None. A plain process: [obj]."""
+    if world.size == 1:
+        return [obj]
+    parts = [None] * world.size if world.is_main else None
+    dist.gather_object(obj, parts, dst=0)
+    return parts
+
+
+def broadcast_from_main(world: World, obj):
+    """Rank 0's obj, on every rank."""
+    if world.size == 1:
+        return obj
+    box = [obj if world.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(world: World):
+    if world.size > 1:
+        dist.barrier()
