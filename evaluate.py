@@ -400,6 +400,8 @@ class Evaluation:
             try:
                 self.video(i, len(videos), videos[i], infos.get(i))
             except UserError as e:
+                if self.world is None or self.world.size == 1:
+                    raise                      # one process: the error as it was raised
                 results.append((i, str(e), None))
                 break
             results.append((i, self.rows, self.feats))
@@ -504,7 +506,7 @@ def run(args):
     world = distributed.setup_sharding(args.device)
     try:
         args.device = str(world.device)
-        return run_sharded(args, videos, world)
+        return run_sharded(args, distributed.broadcast_from_main(world, videos), world)   # one list for all
     finally:
         distributed.cleanup()
 

@@ -127,6 +127,7 @@ def run(args) -> int:
     weights = {"unet": weights_path(args.unet, DEFAULT_UNET, "UNet"), "vae": weights_path(args.vae, DEFAULT_VAE, "VAE")}
     world = distributed.setup_sharding(args.device)
     try:
+        videos = distributed.broadcast_from_main(world, videos)   # one list, even if the folder changes meanwhile
         if world.size > 1:
             check_summary_name(videos)
         return Sampling(args, world, ratios, options, weights).run(videos)
@@ -216,6 +217,8 @@ class Sampling:
             if not isinstance(e, UserError):
                 traceback.print_exc(file=sys.stderr)
             print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
+            from m3ddm.distributed import free_cached_memory
+            free_cached_memory(self.device)       # e.g. after running out of GPU memory on a long video
             return {**entry, "status": "failed", "error": str(e), "bad_input": isinstance(e, UserError),
                     "seconds": round(time.perf_counter() - t0, 3)}
         if record["status"] == "skipped":
@@ -230,8 +233,8 @@ class Sampling:
                 "resumed_from_clip": record.get("resumed_from_clip", 0), "seconds": round(time.perf_counter() - t0, 3)}
 
     def report(self, parts: list, videos: list, costs) -> int:
-        """Rank 0: run.json (torchrun), the output paths in input order (torchrun), one line per failure count;
-        returns the exit code: 0, 2 when videos failed on bad input, 1 when one failed otherwise."""
+        """Rank 0: under torchrun run.json and the output paths in input order; a last line when videos failed.
+        Returns the exit code: 0; 2 when videos failed on bad input; 1 when one failed otherwise (a bug)."""
         from m3ddm import __version__
         from m3ddm.files import write_atomic
         entries = sorted((e for part in parts for e in part["videos"]), key=lambda e: e["index"])
@@ -250,8 +253,8 @@ class Sampling:
         if not failed:
             return 0
         names = ", ".join(Path(e["input"]).name for e in failed[:5]) + (", ..." if len(failed) > 5 else "")
-        print(f"error: {len(failed)} of {len(videos)} videos failed ({names}); the others are done.",
-              file=sys.stderr, flush=True)
+        rest = "; the others are done" if len(failed) < len(entries) else ""
+        print(f"error: {len(failed)} of {len(entries)} videos failed ({names}){rest}.", file=sys.stderr, flush=True)
         return 2 if all(e["bad_input"] for e in failed) else 1
 
 

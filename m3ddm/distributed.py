@@ -124,7 +124,8 @@ def setup_sharding(device_arg="auto", timeout: timedelta = SHARDING_TIMEOUT, env
     early waits for the slowest one (up to about the longest video's time)."""
     rank, local_rank, size = environment(env)
     available = torch.cuda.is_available()
-    device = choose_device(device_arg, local_rank, size, available, torch.cuda.device_count() if available else 0)
+    count = torch.cuda.device_count() if available else 0
+    device = choose_device(device_arg, local_rank, size, available, count)
     if size > 1:
         if device.type == "cuda":
             torch.cuda.set_device(device)

@@ -364,6 +364,9 @@ class Outpainter:
         first = work.next_clip
         if first and self.vae_gen is not None and work.vae_rng is not None:
             self.vae_gen.set_state(work.vae_rng)
+        done = sum(len(clip.final) for clip in self.schedule.clips[:first])
+        if first and self.progress is not None:
+            self.progress(f"resuming {work.path.name}: {first} clips done, decoding their {done} final frames again")
         for clip in self.schedule.clips[:first]:
             self._restore_state(work, clip, first)
             if clip.final:

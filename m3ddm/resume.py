@@ -97,6 +97,7 @@ class WorkFolder:
 
     def __init__(self, path: Path, key: dict):
         self.path, self.key = Path(path), key
+        self._sizes = {p.name: p.stat().st_size for p in self.path.iterdir() if p.is_file()}
         position = self._load(POSITION_FILE) if (self.path / POSITION_FILE).exists() else {}
         self.next_clip = int(position.get("next_clip", 0))
         self.vae_rng = position.get("vae_rng")
@@ -135,6 +136,7 @@ class WorkFolder:
 
     def _save(self, name: str, obj):
         write_atomic(self.path / name, lambda tmp: torch.save(obj, tmp))
+        self._sizes[name] = (self.path / name).stat().st_size
 
     # -- per clip
 
@@ -160,9 +162,11 @@ class WorkFolder:
 
     def drop_state(self, c: int):
         (self.path / f"state-{c:06d}.pt").unlink(missing_ok=True)
+        self._sizes.pop(f"state-{c:06d}.pt", None)
 
     def size_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.path.iterdir() if p.is_file())
+        """The folder's size now (kept up to date as files are written and deleted, not listed each time)."""
+        return sum(self._sizes.values())
 
     def remove(self):
         shutil.rmtree(self.path, ignore_errors=True)

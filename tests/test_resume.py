@@ -125,7 +125,8 @@ def test_changed_seed_or_weights_refuse_to_resume(clip60, tiny_weight_files, tmp
     work = out / f"long{WORK_SUFFIX}"
     before = sorted((p.name, p.stat().st_mtime_ns) for p in work.iterdir())
 
-    rc = sample.main([str(a) for a in [clip60, "--ratio", "16:9", "--out", out, *FAST, "--seed", "7", *tiny_weight_files]])
+    rc = sample.main([str(a) for a in [clip60, "--ratio", "16:9", "--out", out, *FAST, "--seed", "7",
+                                        *tiny_weight_files]])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1, err
     assert err[0].startswith("error: long.mp4: the unfinished run in") and "--seed 6 (now 7)" in err[0]
