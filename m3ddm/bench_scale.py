@@ -1,6 +1,6 @@
 """python -m m3ddm.bench_scale: how sharded sampling scales, and what a long video costs in memory and disk.
 
-    python -m m3ddm.bench_scale sharding [--procs 2] [--videos 6] [--frames 40] [--size 64]
+    python -m m3ddm.bench_scale sharding [--procs 2] [--videos 6] [--frames 40] [--size 128]
     python -m m3ddm.bench_scale long-video [--frames 500,2000] [--size 256]
 
 sharding: one folder of synthetic videos of different lengths, outpainted by sample.py in one process and then
@@ -144,7 +144,7 @@ def parse_args(argv):
     s.add_argument("--procs", type=int, default=2, help="torchrun processes (default 2)")
     s.add_argument("--videos", type=int, default=6, help="synthetic videos (default 6)")
     s.add_argument("--frames", type=int, default=40, help="frames of the shortest-but-one video (default 40)")
-    s.add_argument("--size", type=int, default=64, help="--size of sample.py (default 64)")
+    s.add_argument("--size", type=int, default=128, help="--size of sample.py (default 128)")
     s.add_argument("--device", default="cpu", help="cpu (gloo, default) or cuda (one GPU per process)")
     v = sub.add_parser("long-video", help="peak RSS and work-folder size of long synthetic videos")
     v.add_argument("--frames", default="500,2000", help="comma-separated video lengths (default 500,2000)")

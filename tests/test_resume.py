@@ -218,7 +218,7 @@ def test_api_without_weights_keeps_no_work_folder_and_refuses_to_replace(clip60,
 def test_sigterm_mid_run_then_rerun_gives_the_uninterrupted_output(tiny_weight_files, tmp_path, capsys, one_thread):
     """120 frames: 11 clips, so the run is far from done when it is stopped after its second clip."""
     clip = make_clip(tmp_path / "long.mp4", "25", frames=120, size=(32, 24), audio=True)
-    args = ["--ratio", "16:9", "--size", "64", "--scheduler", "ddim", "--steps", "20", "--global-frames", "4",
+    args = ["--ratio", "16:9", "--size", "64", "--scheduler", "ddim", "--steps", "10", "--global-frames", "4",
             *tiny_weight_files]
     out = tmp_path / "out"
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
