@@ -9,7 +9,10 @@ the generated band alone.
 
     python evaluate.py VIDEOS_OR_DIRS... --out DIR [--method model zero replicate reflect fill]
         [--crop-ratio 0.25 0.66] [--axis horizontal|vertical] [--size 256] [--frames 16|-1]
-        [--unet U --vae V] [--lpips L] [--i3d I --i3d-sha256 HEX]
+        [--unet U --vae V --steps 50 --scheduler pndm --seed 6] [--lpips L] [--i3d I --i3d-sha256 HEX]
+
+summary.json records how every row was made: the protocol, the weights (path and sha256), the sampler
+settings of the model rows, the device, dtype and m3ddm version.
 """
 import argparse
 import csv
@@ -17,15 +20,18 @@ import json
 import math
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from m3ddm import canvas, pipeline, video, weights
+from m3ddm import canvas, cli, data, pipeline, video, weights
 from m3ddm import metrics as M
 from m3ddm.errors import UserError
+from m3ddm.schedulers import SCHEDULERS
+from m3ddm.version import __version__
 
 BASELINES = ("zero", "replicate", "reflect", "fill")
 METHODS = ("model",) + BASELINES
@@ -38,24 +44,6 @@ METRIC_COLUMNS = ("psnr", "psnr_band", "ssim", "ssim_band", "ssim_gauss", "ssim_
 
 # ------------------------------------------------------------------------------------------------
 # Inputs and geometry
-
-
-def find_videos(inputs):
-    """Video files named on the command line, or found (non-recursively) in named folders."""
-    videos = []
-    for name in inputs:
-        p = Path(name)
-        if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in video.VIDEO_EXTENSIONS)
-            if not found:
-                raise UserError(f"folder {p} holds no videos ({', '.join(video.VIDEO_EXTENSIONS)}); "
-                                "point to a folder of video files.")
-            videos += found
-        elif p.is_file():
-            videos.append(p)
-        else:
-            raise UserError(f"{p} does not exist; give video files or folders of videos.")
-    return videos
 
 
 def eval_size(width, height, size):
@@ -163,11 +151,19 @@ class ModelMethod:
         self.device = torch.device(args.device)
         self.unet = weights.load_unet(args.unet, self.device)
         self.vae = weights.load_vae(args.vae, self.device)
-        self.options = pipeline.OutpaintOptions(size=canvas.check_size(args.size), steps=args.steps,
-                                                seed=args.seed).check()
+        self.options = pipeline.OutpaintOptions(size=args.size, steps=args.steps, seed=args.seed,
+                                                scheduler=args.scheduler).check()
 
-    def __call__(self, inp, width, height, fps):
-        """inp uint8 (F, 3, h, w) -> uint8 (F, 3, height, width)."""
+    def provenance(self, args):
+        """How the model rows were made: weights (path, sha256), sampler options, device, dtype, m3ddm version."""
+        return {"weights": {k: {"path": str(p), "sha256": weights.sha256_file(p)}
+                            for k, p in (("unet", args.unet), ("vae", args.vae))},
+                "options": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.options).items()},
+                "device": str(self.device), "dtype": str(next(self.unet.parameters()).dtype).replace("torch.", ""),
+                "m3ddm_version": __version__}
+
+    def __call__(self, inp, width, height, fps, progress=None):
+        """inp uint8 (F, 3, h, w) -> uint8 (F, 3, height, width); progress(line) gets the pipeline's lines."""
         s = self.options.size
         h_in, w_in = inp.shape[-2:]
         geom = canvas.CanvasGeometry(
@@ -175,7 +171,7 @@ class ModelMethod:
             scale=1.0, resized_hw=(h_in, w_in), pad=((s - h_in) // 2, (s - w_in) // 2),
             crops={(width, height): ((s - width) // 2, (s - height) // 2, width, height)})
         result = pipeline.outpaint_frames(canvas.tensor_to_frames(inp), self.unet, self.vae, fps=fps,
-                                               options=self.options, geometry=geom, device=self.device)
+                                          options=self.options, geometry=geom, device=self.device, progress=progress)
         return canvas.frames_to_tensor(result.crops[(width, height)])
 
 
@@ -311,7 +307,7 @@ def write_preview(path, panels, fps):
 # Command line
 
 
-def parse_args(argv):
+def build_parser():
     p = argparse.ArgumentParser(description="Benchmark video outpainting: PSNR, SSIM, LPIPS, FVD, flicker.")
     p.add_argument("videos", nargs="+", help="video files, or folders of videos (not searched recursively)")
     p.add_argument("--out", required=True, help="output folder for per_video.csv, summary.json, summary.md")
@@ -320,19 +316,27 @@ def parse_args(argv):
     p.add_argument("--crop-ratio", nargs="+", type=float, default=[0.25, 0.66],
                    help="fraction of the width (or height) removed, half on each side (default 0.25 0.66)")
     p.add_argument("--axis", choices=("horizontal", "vertical"), default="horizontal")
-    p.add_argument("--size", type=int, default=256, help="long side of the evaluation frames (default 256)")
+    p.add_argument("--size", type=int, default=256,
+                   help="long side of the evaluation frames: a multiple of 8, at least 32; with --method model a "
+                        "multiple of 64, the model's canvas (default 256)")
     p.add_argument("--frames", type=int, default=16, help="first N frames of each video, -1 for all (default 16)")
     p.add_argument("--unet", help="m3ddm unet weights (for --method model)")
     p.add_argument("--vae", help="m3ddm vae weights (for --method model)")
     p.add_argument("--steps", type=int, default=50, help="sampler steps for the model (default 50)")
+    p.add_argument("--scheduler", choices=SCHEDULERS, default="pndm",
+                   help="sampler for the model (default pndm, as the reference), as sample.py")
     p.add_argument("--seed", type=int, default=6, help="sampler seed for the model (default 6, as the reference)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--lpips", default=DEFAULT_LPIPS,
                    help="m3ddm LPIPS weights from `weights_convert.py lpips` (skipped if the default is absent)")
     p.add_argument("--i3d", help="i3d_torchscript.pt for FVD (FVD is skipped without it)")
     p.add_argument("--i3d-sha256", help="sha256 of the I3D file; it is loaded only if its hash matches")
-    p.add_argument("--previews", type=int, default=2, help="videos that get side-by-side mp4s (default 2)")
-    return p.parse_args(argv)
+    p.add_argument("--previews", type=int, default=2, help="videos that get side-by-side mp4s, 0 or more (default 2)")
+    return p
+
+
+def parse_args(argv):
+    return build_parser().parse_args(argv)
 
 
 def check_args(args):
@@ -343,6 +347,12 @@ def check_args(args):
         raise UserError(f"--frames {args.frames} is too small; pass at least 2, or -1 for every frame.")
     if args.size < 32 or args.size % 8:
         raise UserError(f"--size {args.size} must be a multiple of 8 and at least 32; use e.g. --size 256.")
+    if "model" in args.method and args.size % canvas.SIDE_MULTIPLE:
+        raise UserError(f"--size {args.size} with --method model must be a multiple of {canvas.SIDE_MULTIPLE} (the "
+                        "model's square canvas); use e.g. --size 256.")
+    if args.previews < 0:
+        raise UserError(f"--previews {args.previews} is negative; pass 0 (no previews) or more.")
+    args.device = str(resolve_device(args.device))
     if "model" in args.method:
         for flag, value in (("--unet", args.unet), ("--vae", args.vae)):
             if not value or not Path(value).is_file():
@@ -356,6 +366,17 @@ def check_args(args):
         raise UserError(f"FVD needs at least {M.I3D_MIN_FRAMES} frames per video; raise --frames.")
 
 
+def resolve_device(name):
+    """sample.py's rule: the given device, else cuda when available, else cpu."""
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device name; use cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is available; use --device cpu.")
+    return device
+
+
 def load_lpips_if_present(args):
     path = Path(args.lpips)
     if not path.is_file():
@@ -365,8 +386,9 @@ def load_lpips_if_present(args):
     return M.load_lpips(path, device=args.device)
 
 
-def progress(text):
-    print(f"\r{text}\033[K", end="", file=sys.stderr, flush=True)
+def progress(text, end=None):
+    """One line rewritten in place on a terminal (end it with end="\\n"); in a log, one line each."""
+    cli.progress_line(text, final=end == "\n")
 
 
 class Evaluation:
@@ -378,14 +400,29 @@ class Evaluation:
     def __init__(self, args, world=None):
         self.args = args
         self.world = world
+        self.start = time.time()
+        self.prefix = f"[rank {world.rank}] " if world is not None and world.size > 1 else ""
+        self.say("loading the scorers" + (" and the model" if "model" in args.method else "") + f" on {args.device}")
         self.lpips = load_lpips_if_present(args)
         self.i3d = M.load_i3d(args.i3d, args.i3d_sha256, args.device) if args.i3d else None
         self.model = ModelMethod(args) if "model" in args.method else None
         self.out_dir = Path(args.out)
         self.rows = []
         self.feats = {}  # (kind, method, ratio) -> list of (400,) I3D features, one per video, in input order
-        self.start = time.time()
-        self.prefix = f"[rank {world.rank}] " if world is not None and world.size > 1 else ""
+        self.notes = set()
+
+    def say(self, text):
+        progress(f"{self.prefix}[{time.time() - self.start:6.1f}s] {text}")
+
+    def model_progress(self, context):
+        """The pipeline's lines in the progress line; each distinct `note:` once, on a line of its own."""
+        def show(line):
+            if not line.startswith("note: "):
+                self.say(f"{context}: {line}")
+            elif line not in self.notes:
+                self.notes.add(line)
+                progress(line, end="\n")
+        return show
 
     def add_features(self, key, frames):
         if self.i3d is not None:
@@ -419,9 +456,9 @@ class Evaluation:
             for key, values in feats.items():
                 self.feats.setdefault(key, []).extend(values)
 
-    def outpaint(self, method, inp, cut, width, height, fps):
+    def outpaint(self, method, inp, cut, width, height, fps, context=""):
         if method == "model":
-            return self.model(inp, width, height, fps)
+            return self.model(inp, width, height, fps, progress=self.model_progress(context))
         if method == "fill":
             return fill_baseline(inp, cut, self.args.axis)
         return pad_baseline(inp, cut, self.args.axis, method)
@@ -441,10 +478,10 @@ class Evaluation:
             inp = crop_input(gt, cut, args.axis)                  # what every method gets
             self.add_features(("gt_band", None, ratio), band_strip(gt, cut, args.axis))
             for method in args.method:
-                progress(f"{self.prefix}[{time.time() - self.start:6.1f}s] video {index + 1}/{count} {path.name}: "
-                         f"crop {ratio:g}, {method}")
+                context = f"video {index + 1}/{count} {path.name}: crop {ratio:g}, {method}"
+                self.say(context)
                 t0 = time.time()
-                out = self.outpaint(method, inp, cut, width, height, fps)
+                out = self.outpaint(method, inp, cut, width, height, fps, context)
                 row = {"video": path.name, "method": method, "crop_ratio": ratio, "axis": args.axis,
                        "frames": gt.shape[0], "width": width, "height": height, "cut": cut}
                 row.update(score(gt, out, band, self.lpips))
@@ -477,6 +514,7 @@ class Evaluation:
     def record(self, videos, summary):
         args = self.args
         return {
+            "m3ddm_version": __version__,
             "protocol": protocol(args),
             "videos": [p.name for p in videos],
             "weights": {
@@ -486,6 +524,7 @@ class Evaluation:
                 "unet": args.unet if self.model else None,
                 "vae": args.vae if self.model else None,
             },
+            "model": self.model.provenance(args) if self.model else None,
             "methods": summary,
         }
 
@@ -501,7 +540,7 @@ def check_outputs_spare_inputs(out_dir, videos):
 def run(args):
     from m3ddm import distributed
     check_args(args)
-    videos = find_videos(args.videos)
+    videos = data.list_videos(args.videos)
     check_outputs_spare_inputs(args.out, videos)
     world = distributed.setup_sharding(args.device)
     try:
@@ -545,7 +584,12 @@ def run_sharded(args, videos, world):
     from m3ddm import distributed
     ev = Evaluation(args, world)
     ev.out_dir.mkdir(parents=True, exist_ok=True)
-    mine, infos = share(args, videos, world)
+    try:
+        mine, infos = share(args, videos, world)
+    except UserError:                          # the same on every rank: rank 0 alone reports it
+        if world.is_main:
+            raise
+        return 0
     parts = distributed.gather_to_main(world, ev.score_share(mine, videos, infos))
     error = None
     if world.is_main:
@@ -555,10 +599,13 @@ def run_sharded(args, videos, world):
             error = str(e)
     error = distributed.broadcast_from_main(world, error)
     if error is not None:
-        raise UserError(error)
+        if world.is_main:
+            raise UserError(error)
+        return 0                               # rank 0 alone reports it (one error line, exit code 2)
     if world.is_main:
-        progress(f"[{time.time() - ev.start:6.1f}s] scored {len(videos)} video(s)")
-        print(file=sys.stderr)
+        ev.say(f"scored {len(videos)} video(s)")
+        if sys.stderr.isatty():
+            print(file=sys.stderr)
         write_reports(args, ev, videos)
     distributed.barrier(world)                 # the reports are written before any rank exits
     return 0
@@ -607,7 +654,6 @@ def summary_markdown(record, table):
 
 
 def main(argv=None):
-    from m3ddm import cli
     args = parse_args(argv)
     return cli.run(lambda: run(args), interrupted="no partial report was kept")
 

@@ -6,7 +6,8 @@
     torchrun --nproc_per_node 8 sample.py videos/ --out results ...   # the videos split over 8 GPUs
 
 One mp4 per input and ratio (<stem>_<a>-<b>.mp4, the source's frame times and audio; a still image
-.png/.jpg gives <stem>_<a>-<b>.png/.jpg), plus <stem>.json (run record) and <stem>_preview.png beside it.
+.png/.jpg gives <stem>_<a>-<b>.png/.jpg), plus <stem>.json (run record) and <stem>_preview.png beside it;
+<stem> is the name up to its first dot (take.2.mp4 -> take_16-9.mp4).
 Progress on stderr, output paths on stdout. A rerun skips the videos whose outputs were made with the same
 settings and weights, continues the unfinished ones from their work folder (<stem>.m3ddm-work/), and
 replaces outputs made otherwise only with --overwrite. Under torchrun each rank takes cuda:LOCAL_RANK (or
@@ -26,6 +27,7 @@ DEFAULT_VAE = ASSETS / "demo_vae.safetensors"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from m3ddm.schedulers import QUALITY, SCHEDULERS
     p = argparse.ArgumentParser(description="Outpaint videos to new aspect ratios with M3DDM+.")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="video or image files, or folders whose videos and images are all processed")
     p.add_argument("--ratio", default="16:9", help="target aspect ratios W:H, comma-separated (default 16:9)")
@@ -40,8 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available; under torchrun "
                    "rank r takes cuda:LOCAL_RANK)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="model dtype (default: fp32 on CPU, bf16 on CUDA)")
-    p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
-    p.add_argument("--scheduler", choices=["pndm", "ddim"], default="pndm", help="sampler (default pndm, as the reference)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default 50)")
+    p.add_argument("--scheduler", choices=SCHEDULERS, default=None, help="sampler (default pndm, as the reference)")
+    p.add_argument("--quality", choices=sorted(QUALITY), default=None,
+                   help="; ".join(f"{k}: --scheduler {s} --steps {n}" for k, (s, n) in QUALITY.items())
+                   + " (instead of --scheduler/--steps; default reference)")
     p.add_argument("--guidance-local", type=float, default=2.0, help="guidance weight of the masked frames (default 2)")
     p.add_argument("--guidance-global", type=float, default=4.0, help="guidance weight of the global frames (default 4)")
     p.add_argument("--feather", type=int, default=0, help="px over which the source blends into the border (default 0: hard paste)")
@@ -98,6 +103,32 @@ INTERRUPTED = ("no partial output was kept; rerun the same command to continue f
 SUMMARY = "run.json"          # written by rank 0 of a torchrun job
 
 
+def say(text: str):
+    from m3ddm import cli
+    cli.progress_line(text)
+
+
+def say_early(text: str):
+    """A progress line from before a video is checked: to a terminal only, so that a bad input gets its one
+    `error:` line and nothing else in logs (the stage lines that follow the checks always go to stderr)."""
+    from m3ddm import cli
+    if sys.stderr.isatty():
+        cli.progress_line(text)
+
+
+def scheduler_and_steps(args) -> tuple:
+    """--quality, or --scheduler/--steps (defaults pndm, 50); not both."""
+    from m3ddm import UserError
+    from m3ddm.schedulers import QUALITY
+    if args.quality is None:
+        return args.scheduler or "pndm", 50 if args.steps is None else args.steps
+    if args.scheduler is not None or args.steps is not None:
+        scheduler, steps = QUALITY[args.quality]
+        raise UserError(f"--quality {args.quality} already means --scheduler {scheduler} --steps {steps}; "
+                        "give either --quality or --scheduler/--steps.")
+    return QUALITY[args.quality]
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from m3ddm import cli
@@ -108,6 +139,8 @@ def options_from_args(args):
     from m3ddm.canvas import check_size
     from m3ddm.pipeline import OutpaintOptions
     from m3ddm.schedule import parse_strides
+
+    args.scheduler, args.steps = scheduler_and_steps(args)
     options = OutpaintOptions(size=args.size, strides=parse_strides(args.strides), global_frames=args.global_frames,
                               limit_frames=args.limit_frames, seed=args.seed, scheduler=args.scheduler,
                               steps=args.steps, guidance_local=args.guidance_local,
@@ -154,7 +187,11 @@ class Sampling:
         self.device = world.device
         dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
         dtype = dtypes[args.dtype] if args.dtype else (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        if args.plain and args.dtype not in (None, "fp32"):
+            say(f"note: --plain runs the reference-shaped path in fp32; --dtype {args.dtype} is not used.")
         self.dtype = torch.float32 if args.plain else dtype
+        say_early(f"loading {weights['unet'].name} and {weights['vae'].name} on {self.device} "
+                  f"({str(self.dtype).replace('torch.', '')})")
         self.unet = load_unet(weights["unet"], device=self.device, dtype=self.dtype)
         self.vae = load_vae(weights["vae"], device=self.device, dtype=self.dtype)
         self.start = time.perf_counter()
@@ -167,9 +204,8 @@ class Sampling:
                                                          "seconds": round(time.perf_counter() - self.start, 3),
                                                          "videos": results})
         code = self.report(parts, videos, costs) if self.world.is_main else 0
-        code = distributed.broadcast_from_main(self.world, code)
         distributed.barrier(self.world)          # rank 0 has written run.json before any rank exits
-        return code
+        return code                              # rank 0 alone says how the job went (0, 1 or 2)
 
     def my_share(self, videos: list) -> tuple:
         """(this rank's video indices, {index: VideoInfo} of those already probed, every video's cost). Under
@@ -177,6 +213,8 @@ class Sampling:
         from m3ddm import distributed
         if self.world.size == 1:
             return list(range(len(videos))), {}, None
+        say_early(f"[rank {self.world.rank}] reading {len(videos[self.world.rank::self.world.size])} of the "
+                  f"{len(videos)} videos, to split them by cost")
         looked = distributed.map_over_ranks(self.world, self.look, videos)
         costs = [cost for _, cost in looked]
         mine = distributed.shard_by_cost(costs, self.world.size)[self.world.rank]
@@ -205,27 +243,28 @@ class Sampling:
         video, n = videos[i], len(videos)
         rank = f"[rank {self.world.rank}] " if self.world.size > 1 else ""
         prefix = f"{rank}[{video.name}{f' {i + 1}/{n}' if n > 1 else ''}] "
-        entry, t0 = {"index": i, "input": str(video), "rank": self.world.rank}, time.perf_counter()
+        entry, t0, show = {"index": i, "input": str(video), "rank": self.world.rank}, time.perf_counter(), \
+            progress_to_stderr(prefix)
+        if info is None:
+            say_early(f"{prefix}reading the video (it is decoded once to count its frames)")
         try:
             record = outpaint_video(video, self.args.out, self.unet, self.vae, self.ratios, self.options,
-                                    device=self.device, dtype=self.dtype, weights=self.weights,
-                                    progress=progress_to_stderr(prefix), argv=dict(vars(self.args)),
-                                    overwrite=self.args.overwrite, info=info)
+                                    device=self.device, dtype=self.dtype, weights=self.weights, progress=show,
+                                    argv=dict(vars(self.args)), overwrite=self.args.overwrite, info=info)
         except Exception as e:
             if self.world.size == 1 and n == 1:
                 raise
             if not isinstance(e, UserError):
                 traceback.print_exc(file=sys.stderr)
-            print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
+            show(f"error: {e}")
             from m3ddm.distributed import free_cached_memory
             free_cached_memory(self.device)       # e.g. after running out of GPU memory on a long video
             return {**entry, "status": "failed", "error": str(e), "bad_input": isinstance(e, UserError),
                     "seconds": round(time.perf_counter() - t0, 3)}
         if record["status"] == "skipped":
-            print(f"{prefix}done already: {Path(record['record']).name} matches these settings and weights; "
-                  "skipped", file=sys.stderr, flush=True)
+            show(f"done already: {Path(record['record']).name} matches these settings and weights; skipped")
         for ratio, note in record["skipped_ratios"].items():
-            print(f"{prefix}note: {ratio} skipped: {note}", file=sys.stderr)
+            show(f"note: {ratio} skipped: {note}")
         if self.world.size == 1:
             for path in record["outputs"].values():
                 print(path, flush=True)
@@ -249,12 +288,12 @@ class Sampling:
             for e in entries:
                 for path in e.get("outputs", {}).values():
                     print(path, flush=True)
-            print(f"{SUMMARY}: {target}", file=sys.stderr)
+            say(f"{SUMMARY}: {target}")
         if not failed:
             return 0
         names = ", ".join(Path(e["input"]).name for e in failed[:5]) + (", ..." if len(failed) > 5 else "")
         rest = "; the others are done" if len(failed) < len(entries) else ""
-        print(f"error: {len(failed)} of {len(entries)} videos failed ({names}){rest}.", file=sys.stderr, flush=True)
+        say(f"error: {len(failed)} of {len(entries)} videos failed ({names}){rest}.")
         return 2 if all(e["bad_input"] for e in failed) else 1
 
 

@@ -22,6 +22,7 @@ import platform
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -154,7 +155,7 @@ def measure(section: str, name: str, fn: Callable, args, device: torch.device,
 
 
 def progress(message: str):
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
+    cli.progress_line(f"[bench] {message}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -419,7 +420,7 @@ def bench_video(args, models: Models, vae: AutoencoderKL, device, dtype, num_fra
 
     def run(unet):
         return lambda: outpaint_video(path, out_dir, unet, vae, [ratio], replace(options), device=device,
-                                      dtype=dtype, overwrite=True)     # each repeat replaces the last
+                                      dtype=dtype, progress=None, overwrite=True)   # a repeat replaces the last
 
     real = bool(args.video) and num_frames is None
     source = path.name if real else f"synthetic {frames}f"
@@ -477,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-plain", action="store_true", help="measure only the fast path")
     p.add_argument("--no-flops", dest="flops", action="store_false", help="skip the FLOP-counting run")
     p.add_argument("--threads", type=int,
-                   help="CPU threads for torch (default: torch's own; 1 is steadier on a loaded machine)")
+                   help="CPU threads for torch, 1 or more (default: torch's own; 1 is steadier on a loaded machine)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights, inputs and noise")
     p.add_argument("--out", default="out/bench", help="output folder (default out/bench)")
     p.add_argument("--json", help="JSON result path (default OUT/bench.json)")
@@ -530,7 +531,29 @@ def check_args(args) -> tuple:
         args.warmup = 2
     if args.video and not Path(args.video).is_file():
         raise UserError(f"--video {args.video} does not exist; give the path of a video file.")
+    check_writable(json_path(args), "--json" if args.json else "--out")
     return device, DTYPES[args.dtype]
+
+
+def json_path(args) -> Path:
+    return Path(args.json) if args.json else Path(args.out) / "bench.json"
+
+
+def check_writable(path: Path, option: str):
+    """The JSON result can be written to path: checked before the run, so that a long run is not lost at its end.
+    Nothing is created (the nearest existing folder takes a probe file, removed at once)."""
+    existing = next(p for p in [path.parent.absolute(), *path.parent.absolute().parents] if p.exists())
+    if path.is_dir():
+        raise UserError(f"{option}: {path} is a folder; give the name of a .json file.")
+    if not existing.is_dir():
+        raise UserError(f"{option}: {existing} is a file, so {path} cannot be written; choose another {option}.")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".m3ddm-write-test.")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"{option}: {path} cannot be written ({e.strerror} in {existing}); choose another {option}.") \
+            from None
 
 
 def machine_info(device: torch.device) -> dict:
@@ -546,6 +569,8 @@ def machine_info(device: torch.device) -> dict:
 def run_bench(args) -> dict:
     """Every requested section, in one process; returns the JSON-ready result."""
     device, dtype = check_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)  # after the check: torch raises on a negative count
     torch.set_grad_enabled(False)
     result = {"machine": machine_info(device), "args": {k: v for k, v in vars(args).items()}, "sections": {}}
     sections = result["sections"]
@@ -634,13 +659,11 @@ def main(argv=None) -> int:
 def _run_and_report(args) -> int:
     threads, grad = torch.get_num_threads(), torch.is_grad_enabled()
     try:
-        if args.threads:
-            torch.set_num_threads(args.threads)
         result = run_bench(args)
     finally:  # main() may be called in-process (tests): leave torch's global settings as they were
         torch.set_num_threads(threads)
         torch.set_grad_enabled(grad)
-    path = Path(args.json) if args.json else Path(args.out) / "bench.json"
+    path = json_path(args)
     write_json(result, path)
     print(format_table(result))
     print(f"json: {path}")

@@ -135,8 +135,8 @@ class CanvasGeometry:
 
 def check_size(size: int) -> int:
     if not isinstance(size, (int, np.integer)) or size <= 0 or size % SIDE_MULTIPLE:
-        raise UserError(f"Canvas size {size} is not a positive multiple of {SIDE_MULTIPLE}; "
-                        "use e.g. 256 or 512.")
+        raise UserError(f"--size {size} is not a positive multiple of {SIDE_MULTIPLE} (the side of the square "
+                        "canvas); use e.g. 256 or 512.")
     return int(size)
 
 

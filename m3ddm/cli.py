@@ -9,7 +9,9 @@ m3ddm.demo): written once here.
   went away) are raised in the main thread as `Interrupted` (a KeyboardInterrupt), so every `finally` and
   `except BaseException` on the way out runs its cleanup (writers aborted, temporary files deleted); then
   one line `error: interrupted by SIGTERM; <note>.` and exit code 128 + the signal number (130, 143, 129).
-  Further signals during that cleanup are ignored, so it cannot be cut short (SIGKILL still can; its
+  Whatever a cut-short body could not clean up itself (a signal landing between a writer's creation and the
+  code that would abort it) is cleaned up here: open video writers are aborted and this process's temporary
+  files deleted (`m3ddm.files.remove_own_temps`). Further signals during that cleanup are ignored, so it cannot be cut short (SIGKILL still can; its
   debris is removed by the next run over the folder, see m3ddm/files.py).
 - `signals_deferred()` holds a signal back over the few steps that must not be cut in two (starting a child
   process and keeping its handle, so that the cleanup can stop it) and raises it right after them.
@@ -25,6 +27,7 @@ import traceback
 from contextlib import contextmanager
 from typing import Callable
 
+from . import files
 from .errors import UserError
 
 DEBUG_ENV = "M3DDM_DEBUG"
@@ -74,17 +77,36 @@ def signals_deferred():
             raise Interrupted(signum)
 
 
-def _say(line: str):
-    prefix = "\r\033[K" if sys.stderr.isatty() else ""    # over an unfinished progress line, not below it
+_line_open = False       # a terminal line was written without its newline (progress rewritten in place)
+
+
+def progress_line(text: str, final: bool = True):
+    """One progress line on stderr, the one way every command line writes them: on a terminal a non-final line
+    is rewritten in place, and the next line replaces it; in a log every line is whole. Always ONE write, so a
+    signal can never land between a line and its newline (the error line after it would be glued on)."""
+    global _line_open
+    tty = sys.stderr.isatty()
+    start = "\r" if _line_open else ""
+    end = "\033[K\n" if _line_open and final else "\n" if final or not tty else "\033[K"
     try:
-        print(prefix + line, file=sys.stderr, flush=True)
+        sys.stderr.write(start + text + end)
+        sys.stderr.flush()
     except (OSError, ValueError):                           # the terminal is gone (SIGHUP)
         pass
+    _line_open = tty and not final
 
 
 def _debug():
     if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
         traceback.print_exc(file=sys.stderr)
+
+
+def _cleanup():
+    """What a cut-short body left behind: its open video writers (if it used any), then its temporary files."""
+    video = sys.modules.get(f"{__package__}.video")
+    if video is not None:
+        video.abort_open_writers()
+    files.remove_own_temps()
 
 
 def run(body: Callable[[], int], interrupted: str = "") -> int:
@@ -93,13 +115,15 @@ def run(body: Callable[[], int], interrupted: str = "") -> int:
     try:
         return int(body() or 0)
     except UserError as e:
+        _cleanup()
         _debug()
-        _say(f"error: {e}")
+        progress_line(f"error: {e}")
         return 2
     except KeyboardInterrupt as e:
+        _cleanup()
         signum = getattr(e, "signum", signal.SIGINT)
         _debug()
-        _say(f"error: interrupted by {signal.Signals(signum).name}" + (f"; {interrupted}" if interrupted else "")
+        progress_line(f"error: interrupted by {signal.Signals(signum).name}" + (f"; {interrupted}" if interrupted else "")
              + ".")
         return 128 + int(signum)
     finally:

@@ -10,7 +10,9 @@ host: the host name (letters and digits only, at most 24) plus 8 hex of its sha1
 share a tag; pidns: the inode of the writer's PID namespace (two containers on one host with the same host
 name see different PIDs); pid: the writer's process id.
 
-`remove_stale_temps(folder)` deletes only the temporary files whose writer is verifiably dead: same host
+`remove_own_temps()` deletes what this process created and did not rename, whatever the code path (the command
+lines call it on the way out, so a signal landing between a file's creation and the code that would clean it
+up leaves nothing). `remove_stale_temps(folder)` deletes only the temporary files whose writer is verifiably dead: same host
 tag, same PID namespace, another pid, and no process with that pid. Files of other hosts or namespaces,
 of live processes (a reused pid counts as live) and files with any other name are never touched.
 """
@@ -26,6 +28,9 @@ from typing import Callable
 
 _TEMP_RE = re.compile(r"^\..*\.m3ddm-(?P<host>[A-Za-z0-9]+_[0-9a-f]{8})-(?P<ns>\d+)-(?P<pid>\d+)-[0-9a-f]{8}"
                       r"\.[a-z]+(\.[A-Za-z0-9]+)?$")
+
+
+_OWN = set()        # temporary names this process handed out (renamed ones are simply gone)
 
 
 def host_tag() -> str:
@@ -46,7 +51,9 @@ def temp_path(target, kind: str = "tmp", suffix: str = None) -> Path:
     target = Path(target)
     suffix = target.suffix if suffix is None else suffix
     owner = f"{host_tag()}-{pid_namespace()}-{os.getpid()}-{secrets.token_hex(4)}"
-    return target.with_name(f".{target.stem}.m3ddm-{owner}.{kind}{suffix}")
+    path = target.with_name(f".{target.stem}.m3ddm-{owner}.{kind}{suffix}")
+    _OWN.add(path)      # before the file exists: no moment where it exists unrecorded
+    return path
 
 
 def create_temp(target, kind: str = "tmp", suffix: str = None) -> Path:
@@ -96,6 +103,19 @@ def remove_stale_temps(folder) -> list:
             removed.append(path)
         except FileNotFoundError:    # a sibling run removed it first
             pass
+    return removed
+
+
+def remove_own_temps() -> list:
+    """Delete every temporary file this process created that still exists; returns the paths removed."""
+    removed = []
+    for path in sorted(_OWN):
+        try:
+            path.unlink()
+            removed.append(path)
+        except FileNotFoundError:    # renamed to its target, or already cleaned up
+            pass
+    _OWN.clear()
     return removed
 
 

@@ -20,7 +20,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -40,7 +39,7 @@ from .sampler import (assemble_conditioning, clip_noise, denoise_clip, encode_gl
                       sampler_branches, sampling_timesteps)
 from .masks import latent_mask
 from .schedule import DEFAULT_STRIDES, Schedule, build_schedule, global_frame_indices, unet_fps
-from .schedulers import DDIMScheduler, PNDMScheduler
+from . import schedulers
 
 CLIP_LEN = 16
 
@@ -51,11 +50,11 @@ class OutpaintOptions:
 
     size: side S of the square working canvas (multiple of 64). strides: coarse-to-fine grid strides.
     global_frames: G frames at linspace(0, N-1, G) (0 = no global condition). limit_frames: output only
-    the first L frames (None = all). seed: per-clip noise seed. scheduler/steps: "pndm" (reference) or
-    "ddim". guidance_local / guidance_global: see sampler.py. feather: px of blending at the seam
-    (0 = hard paste). keep_resolution: also composite at the source's full resolution. vae_sample:
-    sample the VAE posterior (seeded) instead of its mean. plain: the reference-shaped slow path.
-    vae_batch: images per VAE call.
+    the first L frames (None = all). seed: per-clip noise seed. scheduler/steps: "pndm" (reference),
+    "ddim" or "dpm++" (schedulers.SCHEDULERS). guidance_local / guidance_global: see sampler.py.
+    feather: px of blending at the seam (0 = hard paste). keep_resolution: also composite at the source's
+    full resolution. vae_sample: sample the VAE posterior (seeded) instead of its mean. plain: the
+    reference-shaped slow path. vae_batch: images per VAE call.
     """
     size: int = 256
     strides: tuple = DEFAULT_STRIDES
@@ -73,10 +72,10 @@ class OutpaintOptions:
     vae_batch: int = 8
 
     def check(self) -> "OutpaintOptions":
-        if self.scheduler not in ("pndm", "ddim"):
-            raise UserError(f"Scheduler {self.scheduler!r} is unknown; use pndm or ddim.")
-        if not 1 <= int(self.steps) <= 1000:
-            raise UserError(f"--steps {self.steps} is out of range; use 1 to 1000 (50 is the default).")
+        if self.scheduler not in schedulers.SCHEDULERS:
+            raise UserError(f"--scheduler {self.scheduler!r} is unknown; use {' or '.join(schedulers.SCHEDULERS)}.")
+        if not 1 <= int(self.steps) <= 999:   # 1000 leading steps would start at timestep 1000, past the schedule
+            raise UserError(f"--steps {self.steps} is out of range; use 1 to 999 (50 is the default).")
         if self.scheduler == "pndm" and self.steps < 2:
             raise UserError("--steps 1 with the pndm scheduler runs no denoising step (the reference loop skips "
                             "the first timestep); use --steps 2 or more, or --scheduler ddim.")
@@ -95,9 +94,7 @@ class OutpaintOptions:
 
 
 def make_scheduler(options: OutpaintOptions):
-    if options.scheduler == "pndm":
-        return PNDMScheduler(int(options.steps))
-    return DDIMScheduler(int(options.steps), eta=0.0)
+    return schedulers.make_scheduler(options.scheduler, int(options.steps))
 
 
 @dataclass
@@ -256,7 +253,24 @@ class Outpainter:
             self._encode_inputs(new, masked[[idx.index(f) for f in new]])
         return {f: (masked[k], src[k]) for k, f in enumerate(idx)}
 
-    def _sample(self, clip, context, black) -> torch.Tensor:
+    def _say(self, line: str):
+        if self.progress is not None:
+            self.progress(line)
+
+    def _step_reporter(self, c: int, first: int = 0):
+        """on_step hook of the first clip this run samples (clip `first`, 0 unless resumed): `clip c/n  step i/N`
+        about ten times (no host sync), so its minutes are not silent; later clips report once each (`_report`)."""
+        if c > first or self.progress is None:
+            return None
+        total, n = len(sampling_timesteps(make_scheduler(self.options))[1]), len(self.schedule.clips)
+        every = max(1, total // 10)
+
+        def on_step(i, *_):
+            if i == 0 or (i + 1) % every == 0:
+                self._say(f"clip {c + 1}/{n}  step {i + 1}/{total}")
+        return on_step
+
+    def _sample(self, clip, context, black, on_step=None) -> torch.Tensor:
         """Denoise one clip; stores the latents it writes first. Returns (1, 4, 16, h, w) on the device."""
         opts, h = self.options, self.geom.latent_size
         t0 = time.perf_counter()
@@ -268,7 +282,8 @@ class Outpainter:
         scheduler = make_scheduler(opts)
         final = denoise_clip(self.unet, scheduler, filled_lat.to(self.device), noise, cond, context,
                              unet_fps(self.fps, clip.stride), opts.guidance_local, opts.guidance_global,
-                             plain=opts.plain, generator=torch.Generator("cpu").manual_seed(int(opts.seed)))
+                             plain=opts.plain, generator=torch.Generator("cpu").manual_seed(int(opts.seed)),
+                             on_step=on_step)
         for k in clip.store:                                                # first writer wins
             self.stored[clip.frames[k]] = final[0, :, k].cpu().clone()
         self.stats.timings["sample"] += time.perf_counter() - t0
@@ -309,6 +324,8 @@ class Outpainter:
     def _prepare(self) -> tuple:
         """The global context and the black latent, once per run (a resumed run computes them again)."""
         t0 = time.perf_counter()
+        if self.global_pixels is not None:
+            self._say(f"encoding {len(self.global_pixels)} global frames")
         context = self._global_context()
         black = self._black_latent()                                        # (1, 4, h, w)
         self.stats.timings["global"] += time.perf_counter() - t0
@@ -329,8 +346,11 @@ class Outpainter:
             first = self._resume(work, out) if work is not None else 0
             start = time.perf_counter()
             for clip in self.schedule.clips[first:]:
+                if clip.index == first:
+                    self._say(f"clip {first + 1}/{len(self.schedule.clips)}: reading and encoding its frames")
                 pixels = self._clip_pixels(clip)
-                z = self._final_latents(clip, self._sample(clip, context, black))
+                final = self._sample(clip, context, black, self._step_reporter(clip.index, first))
+                z = self._final_latents(clip, final)
                 if work is not None:
                     self._record_clip(work, clip, z)
                 out.add(self._finish(clip, z, pixels))
@@ -365,8 +385,8 @@ class Outpainter:
         if first and self.vae_gen is not None and work.vae_rng is not None:
             self.vae_gen.set_state(work.vae_rng)
         done = sum(len(clip.final) for clip in self.schedule.clips[:first])
-        if first and self.progress is not None:
-            self.progress(f"resuming {work.path.name}: {first} clips done, decoding their {done} final frames again")
+        if first:
+            self._say(f"resuming {work.path.name}: {first} clips done, decoding their {done} final frames again")
         for clip in self.schedule.clips[:first]:
             self._restore_state(work, clip, first)
             if clip.final:
@@ -374,8 +394,8 @@ class Outpainter:
             self.stats.clips_per_stride[clip.stride] = self.stats.clips_per_stride.get(clip.stride, 0) + 1
             self.stats.unet_calls += len(sampling_timesteps(make_scheduler(self.options))[1])
         self.stats.resumed_from_clip = first
-        if first and self.progress is not None:
-            self.progress(f"resumed after clip {first}/{len(self.schedule.clips)} from {work.path}")
+        if first:
+            self._say(f"resumed after clip {first}/{len(self.schedule.clips)} from {work.path}")
         return first
 
     def _restore_state(self, work, clip, first: int):
@@ -431,10 +451,23 @@ def _hms(seconds: float) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
-def _global_pixels(frames_at: Callable[[list], torch.Tensor], num_frames: int, options: OutpaintOptions):
+def global_frames_note(num_frames: int, options: OutpaintOptions) -> Optional[str]:
+    """The note when --global-frames asks for more frames than the video has (linspace then repeats some)."""
+    if options.global_frames <= num_frames:
+        return None
+    return (f"note: the video has {num_frames} frame(s) but {options.global_frames} global frames are asked for "
+            "(--global-frames), so some global frames are repeats.")
+
+
+def _global_pixels(frames_at: Callable[[list], torch.Tensor], num_frames: int, options: OutpaintOptions,
+                   progress=None):
     """Global frames (G, 3, S, S) in [-1, 1], squashed to S x S, or None for G = 0."""
     if options.global_frames == 0:
         return None, []
+    note = global_frames_note(num_frames, options)
+    if progress is not None:
+        for line in ([note] if note else []) + [f"reading {options.global_frames} global frames"]:
+            progress(line)
     idx = global_frame_indices(num_frames, options.global_frames)
     return global_frames_to_model(frames_at(idx), options.size), idx
 
@@ -469,7 +502,7 @@ class OutpaintResult:
 
 def outpaint_frames(frames: np.ndarray, unet, vae, ratios: Sequence[tuple] = ((16, 9),), fps: float = 30.0,
                     options: Optional[OutpaintOptions] = None, geometry: Optional[CanvasGeometry] = None,
-                    device="cpu", dtype=None, progress=None) -> OutpaintResult:
+                    device="cpu", dtype=None, progress="stderr") -> OutpaintResult:
     """Outpaint an in-memory video. For evaluate.py's model method.
 
     frames: uint8 numpy (N, H, W, 3) RGB, N >= 1. ratios: target (a, b) ratios (W:H), e.g. [(16, 9)].
@@ -477,9 +510,11 @@ def outpaint_frames(frames: np.ndarray, unet, vae, ratios: Sequence[tuple] = ((1
     geometry: a ready canvas.CanvasGeometry (e.g. canvas_geometry((H, W), ratios, size)) to impose the
     canvas; by default it is computed from the frames, `ratios` and options.size.
     device / dtype: where and how to run (dtype None: the UNet's own dtype).
+    progress: "stderr" (default: a line per stage, about ten for the first clip's steps, one per clip, and
+    `note:` lines), None (silent), or a callable that gets each line.
     Returns an OutpaintResult; the kept region of every output equals the source on its canvas.
     """
-    options = (options or OutpaintOptions()).check()
+    options, progress = (options or OutpaintOptions()).check(), _progress(progress)
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] < 1:
         raise UserError(f"frames must be uint8 (N, H, W, 3) with N >= 1, received {frames.dtype} {frames.shape}; "
@@ -489,7 +524,7 @@ def outpaint_frames(frames: np.ndarray, unet, vae, ratios: Sequence[tuple] = ((1
     _check_models(unet, vae, options)
     dtype = dtype or next(unet.parameters()).dtype
     source = ArrayFrames(frames)
-    gpx, _ = _global_pixels(source.get, len(frames), options)
+    gpx, _ = _global_pixels(source.get, len(frames), options, progress)
     engine = Outpainter(unet, vae, source, len(frames), fps, geom, gpx, options, device, dtype, progress)
     out = []
     engine.run(out.append)
@@ -666,7 +701,7 @@ def remaining_clips(job: VideoJob) -> int:
 
 
 def outpaint_video(path, out_dir, unet, vae, ratios: Sequence[tuple], options: Optional[OutpaintOptions] = None,
-                   device="cpu", dtype=None, weights: Optional[dict] = None, progress=None,
+                   device="cpu", dtype=None, weights: Optional[dict] = None, progress="stderr",
                    argv: Optional[dict] = None, overwrite: bool = False, info=None) -> dict:
     """Outpaint one video file to every ratio. Returns the run record (also written as <stem>.json) with
     "status": "made", or "skipped" when the outputs already exist and were made the same way.
@@ -676,9 +711,9 @@ def outpaint_video(path, out_dir, unet, vae, ratios: Sequence[tuple], options: O
     weights: {"unet": path, "vae": path}; their sha256 goes into the record and ties outputs and the work
     folder to the model. With weights, an interrupted run keeps `<stem>.m3ddm-work/` and the next call with
     the same settings continues it (m3ddm/resume.py). An existing output made otherwise is replaced only with
-    overwrite=True. info: the input's video.VideoInfo, when already probed.
+    overwrite=True. info: the input's video.VideoInfo, when already probed. progress: as outpaint_frames.
     """
-    options = (options or OutpaintOptions()).check()
+    options, progress = (options or OutpaintOptions()).check(), _progress(progress)
     t_start = time.perf_counter()
     dtype = dtype or next(unet.parameters()).dtype
     job = plan_video(path, out_dir, ratios, options, unet, vae, dtype, weights, info, progress)
@@ -700,7 +735,7 @@ def _engine(job: VideoJob, unet, vae, device, dtype, progress) -> Outpainter:
     from .video import read_frames_at
     info = job.info
     gpx, _ = _global_pixels(lambda idx: frames_to_tensor(read_frames_at(job.path, idx, info)), info.num_frames,
-                            job.options)
+                            job.options, progress)
     return Outpainter(unet, vae, StreamingFrames(job.path, info), info.num_frames, info.fps, job.geom, gpx,
                       job.options, device, dtype, progress)
 
@@ -767,6 +802,7 @@ def _run_record(job: VideoJob, engine: Outpainter, written: dict, audio_notes: d
                      if options.keep_resolution else {}},
         "global_frame_indices": global_frame_indices(job.info.num_frames, options.global_frames)
         if options.global_frames else [],
+        "notes": [n for n in [global_frames_note(job.info.num_frames, options)] if n],
         "strides_used": list(engine.schedule.strides),
         "clips_per_stride": {str(k): v for k, v in stats.clips_per_stride.items()},
         "num_clips": len(engine.schedule.clips),
@@ -821,4 +857,10 @@ def _sha256(path) -> str:
 
 
 def progress_to_stderr(prefix: str = "") -> Callable[[str], None]:
-    return lambda line: print(f"{prefix}{line}", file=sys.stderr, flush=True)
+    from .cli import progress_line
+    return lambda line: progress_line(f"{prefix}{line}")
+
+
+def _progress(progress) -> Optional[Callable[[str], None]]:
+    """The entry points' `progress`: "stderr" -> lines on stderr, None -> silent, a callable -> itself."""
+    return progress_to_stderr() if progress == "stderr" else progress

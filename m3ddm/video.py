@@ -39,6 +39,7 @@ import re
 import subprocess
 import tempfile
 import warnings
+import weakref
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -344,6 +345,15 @@ def _audio_codec_args(audio_codec: str) -> list:
     return ["-c:a", "aac", "-b:a", "192k"]
 
 
+_OPEN_WRITERS = weakref.WeakSet()     # VideoWriters neither closed nor aborted yet
+
+
+def abort_open_writers() -> None:
+    """Abort every VideoWriter still open: what a command line calls when it was cut short (m3ddm/cli.py)."""
+    for writer in list(_OPEN_WRITERS):
+        writer.abort()
+
+
 class VideoWriter:
     """H.264 (libx264, yuv420p) mp4 writer; use as a context manager or call close().
 
@@ -386,7 +396,8 @@ class VideoWriter:
         self.audio_start = max(0.0, float(audio_start))
         self.num_frames = 0
         self.audio_note = None       # why the audio was not copied, if it was not
-        self._closed, self._script, self._tmp, self._proc = True, None, None, None
+        self._closed, self._script, self._proc, self._tmp = False, None, None, None
+        _OPEN_WRITERS.add(self)          # before anything exists: abort_open_writers() can always undo it
         try:
             # a signal here is raised after the block, when the files and the child are known to the cleanup
             # below (a child started but not yet assigned would write its file after the cleanup ran)
@@ -401,12 +412,8 @@ class VideoWriter:
                 self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                               stderr=self._err, start_new_session=True)
         except BaseException:
-            if self._proc is not None:
-                self._proc.kill()
-                self._proc.wait()
-            self._remove_temps()
+            self.abort()                 # stops the child too, when it was started
             raise
-        self._closed = False
 
     def _timing_args(self) -> list:
         """ffmpeg options that give frame i the source's time (VFR); none for a constant rate."""
@@ -458,14 +465,16 @@ class VideoWriter:
         if self._closed:
             return
         self._closed = True
-        try:
-            self._proc.stdin.close()
-        except OSError:
-            pass
-        if self._proc.poll() is None:
-            self._proc.kill()
-        self._proc.wait()
-        self._err.close()
+        _OPEN_WRITERS.discard(self)
+        if self._proc is not None:
+            try:
+                self._proc.stdin.close()
+            except OSError:
+                pass
+            if self._proc.poll() is None:
+                self._proc.kill()
+            self._proc.wait()
+            self._err.close()
         self._remove_temps()
 
     def close(self) -> Path:
@@ -486,6 +495,7 @@ class VideoWriter:
             if self.audio_from is not None:
                 result = self._mux_audio()
             os.replace(result, self.path)
+            _OPEN_WRITERS.discard(self)
         except BaseException:
             self._closed = False
             self.abort()

@@ -164,6 +164,20 @@ def make_config(cls, config: dict, strict=True):
         raise UserError(f"the config is not valid for this model ({e}); fix or replace the config.json.") from None
 
 
+def config_from(arg, presets, cls, flag):
+    """A preset name or a JSON file -> a model config (e.g. UNet3DConfig or VAEConfig); flag names the option."""
+    if arg in presets:
+        return presets[arg]
+    path = Path(arg)
+    if path.suffix != ".json" or not path.is_file():
+        raise UserError(f"{flag} {arg} is neither a preset ({', '.join(sorted(presets))}) nor a JSON "
+                        "file; give a preset name or an existing .json config.")
+    try:
+        return make_config(cls, json.loads(path.read_text()))
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{flag} {arg} is not a valid config ({e}); fix the JSON file.") from None
+
+
 # ---------------------------------------------------------------------------------------------------
 # Strict loading
 

@@ -4,6 +4,7 @@ import os
 import signal
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import ROOT
@@ -110,3 +111,70 @@ def test_every_cli_uses_the_helper(module, tmp_path, capsys, monkeypatch):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert "nonexistent" in lines[0] or "nonsense" in lines[0], err
+
+
+def test_a_signal_between_creation_and_cleanup_code_leaves_nothing(tmp_path, capsys):
+    """The race a real SIGINT once hit: the writer exists (temporary file, ffmpeg running) but the code that
+    would abort it never saw it. cli.run aborts open writers and deletes this process's temporaries."""
+    from m3ddm import files
+    from m3ddm.video import VideoWriter
+
+    held = []                                              # keeps the writer alive: no __del__ to rescue it
+
+    def body():
+        held.append(VideoWriter(tmp_path / "out.mp4", 16, 16, 25))
+        held[0].write(np.zeros((2, 16, 16, 3), np.uint8))
+        files.create_temp(tmp_path / "side.json")         # as if the signal hit inside create_temp's caller
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(1000):
+            pass
+        raise AssertionError("not reached")
+    ffmpeg_before = _children()
+    assert cli.run(body) == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []
+    assert _children() <= ffmpeg_before                    # the writer's ffmpeg was stopped, not left running
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def _children() -> set:
+    """PIDs of this process's child processes (Linux /proc)."""
+    me = str(os.getpid())
+    kids = set()
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                if open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1] == me:
+                    kids.add(d)
+            except (OSError, IndexError):
+                pass
+    return kids
+
+
+class _Stream:
+    def __init__(self, tty):
+        self.tty, self.writes = tty, []
+
+    def isatty(self):
+        return self.tty
+
+    def write(self, text):
+        self.writes.append(text)
+
+    def flush(self):
+        pass
+
+
+@pytest.mark.parametrize("tty", [False, True])
+def test_progress_lines_are_one_write_each(tty, monkeypatch):
+    stream = _Stream(tty)
+    monkeypatch.setattr(cli.sys, "stderr", stream)
+    monkeypatch.setattr(cli, "_line_open", False)
+    cli.progress_line("step 1/2", final=False)
+    cli.progress_line("step 2/2", final=False)
+    cli.progress_line("error: interrupted by SIGTERM.")
+    cli.progress_line("done")
+    if tty:     # rewritten in place; the line after it replaces it and ends it
+        assert stream.writes == ["step 1/2\033[K", "\rstep 2/2\033[K", "\rerror: interrupted by SIGTERM.\033[K\n",
+                                 "done\n"]
+    else:       # a log: whole lines, each with its newline in the same write
+        assert stream.writes == ["step 1/2\n", "step 2/2\n", "error: interrupted by SIGTERM.\n", "done\n"]

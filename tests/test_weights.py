@@ -200,3 +200,18 @@ def test_vae_tiny_ldm_map_is_bit_exact():
     mapped = W.vae_state_dict(load_file(str(FIXTURES / "vae_tiny_ldm.safetensors")))
     assert mapped.keys() == ref.keys()
     assert all(torch.equal(mapped[k], ref[k]) for k in ref)
+
+
+def test_config_from_a_preset_or_a_json_file(tmp_path):
+    from m3ddm.unet3d import UNET_PRESETS, UNet3DConfig
+    from m3ddm.weights import config_from
+    assert config_from("tiny", UNET_PRESETS, UNet3DConfig, "--config") is UNET_PRESETS["tiny"]
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"block_out_channels": [16, 16, 16, 32], "norm_num_groups": 8}))
+    config = config_from(str(path), UNET_PRESETS, UNet3DConfig, "--config")
+    assert config.block_out_channels == (16, 16, 16, 32) and config.norm_num_groups == 8
+    with pytest.raises(UserError, match="--config nope is neither a preset"):
+        config_from("nope", UNET_PRESETS, UNet3DConfig, "--config")
+    path.write_text(json.dumps({"no_such_field": 1}))
+    with pytest.raises(UserError, match="--config .* is not a valid config"):
+        config_from(str(path), UNET_PRESETS, UNet3DConfig, "--config")
