@@ -275,9 +275,10 @@ def _jsonable(x):
 # Video I/O
 
 
-def read_frames(path, count):
-    """The first `count` frames (all if count == -1) as uint8 (F, 3, H, W) RGB, and the frame rate."""
-    info = video.probe(path)
+def read_frames(path, count, info=None):
+    """The first `count` frames (all if count == -1) as uint8 (F, 3, H, W) RGB, and the frame rate.
+    info: the video's video.VideoInfo when already probed."""
+    info = info or video.probe(path)
     if count != -1 and info.num_frames < count:
         raise UserError(f"{path} has {info.num_frames} frames, fewer than --frames {count}; "
                         "lower --frames or pass --frames -1 to use every frame.")
@@ -391,22 +392,27 @@ def progress(text, end=None):
 
 
 class Evaluation:
-    """One evaluation run: the scorers and models, the per-video rows and the I3D features for FVD."""
+    """One evaluation run: the scorers and models, the per-video rows and the I3D features for FVD.
 
-    def __init__(self, args):
+    Under torchrun each rank scores its share of the videos (`score_share`); rank 0 gathers every video's rows
+    and features and puts them in input order (`merge`), so its reports equal a single process's."""
+
+    def __init__(self, args, world=None):
         self.args = args
+        self.world = world
         self.start = time.time()
+        self.prefix = f"[rank {world.rank}] " if world is not None and world.size > 1 else ""
         self.say("loading the scorers" + (" and the model" if "model" in args.method else "") + f" on {args.device}")
         self.lpips = load_lpips_if_present(args)
         self.i3d = M.load_i3d(args.i3d, args.i3d_sha256, args.device) if args.i3d else None
         self.model = ModelMethod(args) if "model" in args.method else None
         self.out_dir = Path(args.out)
         self.rows = []
-        self.feats = {}  # (kind, method, ratio) -> list of (400,) I3D features, one per video
+        self.feats = {}  # (kind, method, ratio) -> list of (400,) I3D features, one per video, in input order
         self.notes = set()
 
     def say(self, text):
-        progress(f"[{time.time() - self.start:6.1f}s] {text}")
+        progress(f"{self.prefix}[{time.time() - self.start:6.1f}s] {text}")
 
     def model_progress(self, context):
         """The pipeline's lines in the progress line; each distinct `note:` once, on a line of its own."""
@@ -422,6 +428,34 @@ class Evaluation:
         if self.i3d is not None:
             self.feats.setdefault(key, []).append(M.i3d_features(self.i3d, frames[None])[0])
 
+    def score_share(self, indices, videos, infos) -> list:
+        """[(video index, its rows, its features)] for this rank's videos; stops at the first bad one, whose
+        entry is (index, error message, None)."""
+        results = []
+        for i in indices:
+            self.rows, self.feats = [], {}
+            try:
+                self.video(i, len(videos), videos[i], infos.get(i))
+            except UserError as e:
+                if self.world is None or self.world.size == 1:
+                    raise                      # one process: the error as it was raised
+                results.append((i, str(e), None))
+                break
+            results.append((i, self.rows, self.feats))
+        return results
+
+    def merge(self, parts):
+        """Rank 0: the gathered per-video results in input order; raises the first video's error if any failed."""
+        results = sorted((r for part in parts for r in part), key=lambda r: r[0])
+        for _, rows, feats in results:
+            if feats is None:
+                raise UserError(rows)
+        self.rows, self.feats = [], {}
+        for _, rows, feats in results:
+            self.rows += rows
+            for key, values in feats.items():
+                self.feats.setdefault(key, []).extend(values)
+
     def outpaint(self, method, inp, cut, width, height, fps, context=""):
         if method == "model":
             return self.model(inp, width, height, fps, progress=self.model_progress(context))
@@ -429,9 +463,9 @@ class Evaluation:
             return fill_baseline(inp, cut, self.args.axis)
         return pad_baseline(inp, cut, self.args.axis, method)
 
-    def video(self, index, count, path):
+    def video(self, index, count, path, info=None):
         args = self.args
-        frames, fps = read_frames(path, args.frames)
+        frames, fps = read_frames(path, args.frames, info)
         width, height = eval_size(frames.shape[-1], frames.shape[-2], args.size)
         if self.lpips is not None and min(width, height) < M.LPIPS_MIN_SIDE:
             raise UserError(f"{path.name} becomes {width}x{height} at --size {args.size}, too small for LPIPS "
@@ -504,17 +538,80 @@ def check_outputs_spare_inputs(out_dir, videos):
 
 
 def run(args):
+    from m3ddm import distributed
     check_args(args)
     videos = data.list_videos(args.videos)
     check_outputs_spare_inputs(args.out, videos)
-    ev = Evaluation(args)
-    ev.out_dir.mkdir(parents=True, exist_ok=True)
-    for i, path in enumerate(videos):
-        ev.video(i, len(videos), path)
-    ev.say(f"scored {len(videos)} video(s)")
-    if sys.stderr.isatty():
-        print(file=sys.stderr)
+    world = distributed.setup_sharding(args.device)
+    try:
+        args.device = str(world.device)
+        return run_sharded(args, distributed.broadcast_from_main(world, videos), world)   # one list for all
+    finally:
+        distributed.cleanup()
 
+
+def video_cost(info, args):
+    """Expected cost of scoring one video: the frames it outpaints (16 per clip for the model)."""
+    frames = info.num_frames if args.frames == -1 else min(args.frames, info.num_frames)
+    if "model" in args.method:
+        from m3ddm.schedule import build_schedule
+        return 1 + pipeline.CLIP_LEN * len(build_schedule(frames, limit_frames=None).clips)
+    return 1 + frames
+
+
+def share(args, videos, world):
+    """(this rank's video indices, {index: VideoInfo}): under torchrun the videos are probed round robin,
+    shared, and split by expected cost; a video that cannot be read stops every rank with the same error."""
+    from m3ddm import distributed
+    if world.size == 1:
+        return list(range(len(videos))), {}
+
+    def look(path):
+        try:
+            return video.probe(path), None
+        except UserError as e:
+            return None, str(e)
+
+    looked = distributed.map_over_ranks(world, look, videos)
+    errors = [e for _, e in looked if e]
+    if errors:
+        raise UserError(errors[0])
+    mine = distributed.shard_by_cost([video_cost(info, args) for info, _ in looked], world.size)[world.rank]
+    return mine, {i: looked[i][0] for i in mine}
+
+
+def run_sharded(args, videos, world):
+    from m3ddm import distributed
+    ev = Evaluation(args, world)
+    ev.out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        mine, infos = share(args, videos, world)
+    except UserError:                          # the same on every rank: rank 0 alone reports it
+        if world.is_main:
+            raise
+        return 0
+    parts = distributed.gather_to_main(world, ev.score_share(mine, videos, infos))
+    error = None
+    if world.is_main:
+        try:
+            ev.merge(parts)
+        except UserError as e:
+            error = str(e)
+    error = distributed.broadcast_from_main(world, error)
+    if error is not None:
+        if world.is_main:
+            raise UserError(error)
+        return 0                               # rank 0 alone reports it (one error line, exit code 2)
+    if world.is_main:
+        ev.say(f"scored {len(videos)} video(s)")
+        if sys.stderr.isatty():
+            print(file=sys.stderr)
+        write_reports(args, ev, videos)
+    distributed.barrier(world)                 # the reports are written before any rank exits
+    return 0
+
+
+def write_reports(args, ev, videos):
     summary = summarize(ev.rows, ev.fvd(), args.crop_ratio, args.method)
     table = markdown_table(summary, args.crop_ratio)
     record = ev.record(videos, summary)
@@ -522,7 +619,6 @@ def run(args):
     write_text(ev.out_dir / "summary.json", json.dumps(_jsonable(record), indent=2) + "\n")
     write_text(ev.out_dir / "summary.md", summary_markdown(record, table))
     print(table, end="")
-    return 0
 
 
 def protocol(args):

@@ -420,7 +420,7 @@ def bench_video(args, models: Models, vae: AutoencoderKL, device, dtype, num_fra
 
     def run(unet):
         return lambda: outpaint_video(path, out_dir, unet, vae, [ratio], replace(options), device=device,
-                                      dtype=dtype, progress=None)
+                                      dtype=dtype, progress=None, overwrite=True)   # a repeat replaces the last
 
     real = bool(args.video) and num_frames is None
     source = path.name if real else f"synthetic {frames}f"

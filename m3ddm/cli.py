@@ -13,6 +13,8 @@ m3ddm.demo): written once here.
   code that would abort it) is cleaned up here: open video writers are aborted and this process's temporary
   files deleted (`m3ddm.files.remove_own_temps`). Further signals during that cleanup are ignored, so it cannot be cut short (SIGKILL still can; its
   debris is removed by the next run over the folder, see m3ddm/files.py).
+- `signals_deferred()` holds a signal back over the few steps that must not be cut in two (starting a child
+  process and keeping its handle, so that the cleanup can stop it) and raises it right after them.
 - `M3DDM_DEBUG=1` prints the traceback as well. Any other exception is a bug and raises with its traceback.
 """
 from __future__ import annotations
@@ -22,6 +24,7 @@ import signal
 import sys
 import threading
 import traceback
+from contextlib import contextmanager
 from typing import Callable
 
 from . import files
@@ -48,9 +51,30 @@ def _install_handlers() -> dict:
     def handler(signum, frame):
         if not fired:
             fired.append(signum)
+            if _DEFERRED["depth"]:
+                _DEFERRED["pending"] = signum
+                return
             raise Interrupted(signum)
 
     return {s: signal.signal(s, handler) for s in SIGNALS}
+
+
+_DEFERRED = {"depth": 0, "pending": None}
+
+
+@contextmanager
+def signals_deferred():
+    """A handled signal that arrives inside the block is raised (as Interrupted) when the block ends, not in
+    the middle of it: e.g. between a child process's start and the assignment of its Popen, where the cleanup
+    could not stop the child (an ffmpeg started that way would write its file after the cleanup ran)."""
+    _DEFERRED["depth"] += 1
+    try:
+        yield
+    finally:
+        _DEFERRED["depth"] -= 1
+        if not _DEFERRED["depth"] and _DEFERRED["pending"] is not None:
+            signum, _DEFERRED["pending"] = _DEFERRED["pending"], None
+            raise Interrupted(signum)
 
 
 _line_open = False       # a terminal line was written without its newline (progress rewritten in place)

@@ -48,6 +48,7 @@ from typing import Iterator, Optional, Sequence, Union
 import imageio_ffmpeg
 import numpy as np
 
+from .cli import signals_deferred
 from .errors import UserError
 from .files import create_temp, write_atomic
 
@@ -121,8 +122,19 @@ def _check_input(path: PathLike) -> str:
 
 
 def _run_ffmpeg(args: list) -> subprocess.CompletedProcess:
-    return subprocess.run([ffmpeg_exe(), "-hide_banner", "-nostdin", *args], capture_output=True, text=True,
-                          errors="replace", start_new_session=True)
+    """subprocess.run of ffmpeg, whose child is stopped on any exception, a signal included (see VideoWriter)."""
+    proc = None
+    try:
+        with signals_deferred():
+            proc = subprocess.Popen([ffmpeg_exe(), "-hide_banner", "-nostdin", *args], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True, errors="replace", start_new_session=True)
+        out, err = proc.communicate()
+    except BaseException:
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def _stream_lines(log: str, section: str) -> list:
@@ -386,18 +398,21 @@ class VideoWriter:
         self.audio_note = None       # why the audio was not copied, if it was not
         self._closed, self._script, self._proc, self._tmp = False, None, None, None
         _OPEN_WRITERS.add(self)          # before anything exists: abort_open_writers() can always undo it
-        self._tmp = create_temp(self.path, "part", ".mp4")
         try:
-            cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", "-y",
-                   "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{self.width}x{self.height}",
-                   "-r", str(1 / self.frame_time), "-i", "-", *self._timing_args(),
-                   "-c:v", "libx264", "-preset", preset, "-crf", str(crf), "-pix_fmt", "yuv420p",
-                   "-movflags", "+faststart", "-f", "mp4", str(self._tmp)]
-            self._err = tempfile.TemporaryFile()
-            self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._err,
-                                          start_new_session=True)
+            # a signal here is raised after the block, when the files and the child are known to the cleanup
+            # below (a child started but not yet assigned would write its file after the cleanup ran)
+            with signals_deferred():
+                self._tmp = create_temp(self.path, "part", ".mp4")
+                cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", "-y",
+                       "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{self.width}x{self.height}",
+                       "-r", str(1 / self.frame_time), "-i", "-", *self._timing_args(),
+                       "-c:v", "libx264", "-preset", preset, "-crf", str(crf), "-pix_fmt", "yuv420p",
+                       "-movflags", "+faststart", "-f", "mp4", str(self._tmp)]
+                self._err = tempfile.TemporaryFile()
+                self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                              stderr=self._err, start_new_session=True)
         except BaseException:
-            self.abort()
+            self.abort()                 # stops the child too, when it was started
             raise
 
     def _timing_args(self) -> list:
@@ -500,9 +515,10 @@ class VideoWriter:
             return self._tmp
         if not info.has_audio:
             return self._tmp
-        muxed = str(create_temp(self.path, "mux", ".mp4"))
-        self._tmp, tmp = muxed, self._tmp       # abort() now removes the muxed file; the encoded one is ours
+        tmp = self._tmp
         try:
+            with signals_deferred():               # abort() removes the muxed file from here on; tmp is ours
+                self._tmp = muxed = str(create_temp(self.path, "mux", ".mp4"))
             seek = ["-ss", f"{self.audio_start:.6f}"] if self.audio_start > 0 else []
             r = _run_ffmpeg(["-v", "error", "-y", "-i", str(tmp), *seek, "-i", self.audio_from,
                              "-map", "0:v:0", "-map", "1:a:0", "-c:v", "copy", *_audio_codec_args(info.audio_codec),

@@ -51,6 +51,27 @@ def test_signals_clean_up_then_one_line(signum, capsys):
     assert {s: signal.getsignal(s) for s in cli.SIGNALS} == before       # handlers restored
 
 
+def test_a_signal_inside_signals_deferred_is_raised_when_the_block_ends(capsys):
+    """Between a child process's start and the assignment of its handle the cleanup could not stop it, so a
+    signal there waits for the end of the block (m3ddm/video.py starts ffmpeg that way)."""
+    steps = []
+
+    def body():
+        try:
+            with cli.signals_deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                for _ in range(1000):                          # the handler runs here, and does not raise
+                    pass
+                steps.append("block finished")
+            steps.append("after the block")                    # never reached
+        finally:
+            steps.append("cleanup")
+    assert cli.run(body, interrupted="test") == 128 + signal.SIGTERM
+    assert steps == ["block finished", "cleanup"]
+    assert capsys.readouterr().err == "error: interrupted by SIGTERM; test.\n"
+    assert cli._DEFERRED == {"depth": 0, "pending": None}
+
+
 def test_debug_env_prints_the_traceback(capsys, monkeypatch):
     monkeypatch.setenv(cli.DEBUG_ENV, "1")
 

@@ -2,10 +2,12 @@
 
 SIGTERM, SIGHUP and SIGINT (to the process alone, as `timeout` and `docker stop` do, or to its whole process
 group, as a terminal and a batch scheduler do) end it like Ctrl-C: temporaries removed, one line, exit code
-128 + signal. A SIGKILL cannot be handled: its leftovers are removed by the next run over the folder, and
-only those (a live sibling's temporary file is left alone)."""
+128 + signal; only the video's work folder stays, for a rerun to continue from (tests/test_resume.py). A SIGKILL
+cannot be handled: its leftovers are removed by the next run over the folder, and only those (a live sibling's
+temporary file is left alone)."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -49,10 +51,12 @@ def test_signal_cleans_up_with_one_line(signum, group, long_clip, tiny_weight_fi
     assert proc.wait(timeout=60) == 128 + signum
     err = (tmp_path / "stderr.txt").read_text()
     errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: interrupted by {signal.Signals(signum).name}; no partial output was kept."], err
+    assert errors == [f"error: interrupted by {signal.Signals(signum).name}; {sample.INTERRUPTED}."], err
     assert err.splitlines()[-1] == errors[0] and "Traceback" not in err
     assert proc.stdout.read() == b""
-    assert sorted(os.listdir(out)) == []                        # no output, no temporary file
+    assert sorted(os.listdir(out)) == ["long.m3ddm-work"]       # no output, no temporary file: the work folder
+    assert all(re.fullmatch(r"work\.json|position\.pt|(state|final)-\d{6}\.pt", name)
+               for name in os.listdir(out / "long.m3ddm-work"))
 
 
 @pytest.mark.slow
@@ -61,8 +65,8 @@ def test_sigkill_debris_is_removed_by_the_next_run(long_clip, tiny_weight_files,
     proc = start_sample(long_clip, out, tiny_weight_files, tmp_path)
     proc.kill()
     proc.wait(timeout=60)
-    debris = sorted(p.name for p in out.iterdir())
-    assert debris and all(f"-{proc.pid}-" in name for name in debris)
+    debris = sorted(p.name for p in out.iterdir() if p.name != "long.m3ddm-work")    # the work folder stays
+    assert debris and all(f"-{proc.pid}-" in name for name in debris) and (out / "long.m3ddm-work").is_dir()
     # a sibling run that is still writing (same host), and one on another machine of a shared filesystem
     sibling = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
@@ -77,7 +81,7 @@ def test_sigkill_debris_is_removed_by_the_next_run(long_clip, tiny_weight_files,
         assert rc == 0, err
         assert f"removed {len(debris)} temporary file(s) left by a killed run" in err
         assert sorted(os.listdir(out)) == sorted(["short_16-9.mp4", "short.json", "short_preview.png",
-                                                  live.name, remote.name])
+                                                  live.name, remote.name, "long.m3ddm-work"])
         assert sorted(json.loads((out / "short.json").read_text())["removed_stale_temps"]) == debris
     finally:
         sibling.kill()
