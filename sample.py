@@ -27,7 +27,7 @@ DEFAULT_VAE = ASSETS / "demo_vae.safetensors"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from m3ddm.schedulers import QUALITY, SCHEDULERS
+    from m3ddm.schedulers import QUALITY, REFERENCE_START, SCHEDULERS
     p = argparse.ArgumentParser(description="Outpaint videos to new aspect ratios with M3DDM+.")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="video or image files, or folders whose videos and images are all processed")
     p.add_argument("--ratio", default="16:9", help="target aspect ratios W:H, comma-separated (default 16:9)")
@@ -44,9 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="model dtype (default: fp32 on CPU, bf16 on CUDA)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default 50)")
     p.add_argument("--scheduler", choices=SCHEDULERS, default=None, help="sampler (default pndm, as the reference)")
+    p.add_argument("--start-timestep", type=int, default=None,
+                   help=f"ddim/dpm++: start there and spread --steps down to the end, {REFERENCE_START} = the segment of "
+                        "the default pndm 50 (default: the scheduler's own grid)")
     p.add_argument("--quality", choices=sorted(QUALITY), default=None,
-                   help="; ".join(f"{k}: --scheduler {s} --steps {n}" for k, (s, n) in QUALITY.items())
-                   + " (instead of --scheduler/--steps; default reference)")
+                   help="; ".join(f"{k}: {quality_flags(*v)}" for k, v in QUALITY.items())
+                   + " (instead of --scheduler/--steps/--start-timestep; default reference)")
     p.add_argument("--guidance-local", type=float, default=2.0, help="guidance weight of the masked frames (default 2)")
     p.add_argument("--guidance-global", type=float, default=4.0, help="guidance weight of the global frames (default 4)")
     p.add_argument("--feather", type=int, default=0, help="px over which the source blends into the border (default 0: hard paste)")
@@ -116,16 +119,21 @@ def say_early(text: str):
         cli.progress_line(text)
 
 
+def quality_flags(scheduler: str, steps: int, start_timestep) -> str:
+    return f"--scheduler {scheduler} --steps {steps}" + ("" if start_timestep is None else
+                                                         f" --start-timestep {start_timestep}")
+
+
 def scheduler_and_steps(args) -> tuple:
-    """--quality, or --scheduler/--steps (defaults pndm, 50); not both."""
+    """(scheduler, steps, start_timestep) from --quality, or from --scheduler/--steps/--start-timestep (defaults
+    pndm, 50, None); not both."""
     from m3ddm import UserError
     from m3ddm.schedulers import QUALITY
     if args.quality is None:
-        return args.scheduler or "pndm", 50 if args.steps is None else args.steps
-    if args.scheduler is not None or args.steps is not None:
-        scheduler, steps = QUALITY[args.quality]
-        raise UserError(f"--quality {args.quality} already means --scheduler {scheduler} --steps {steps}; "
-                        "give either --quality or --scheduler/--steps.")
+        return args.scheduler or "pndm", 50 if args.steps is None else args.steps, args.start_timestep
+    if args.scheduler is not None or args.steps is not None or args.start_timestep is not None:
+        raise UserError(f"--quality {args.quality} already means {quality_flags(*QUALITY[args.quality])}; "
+                        "give either --quality or --scheduler/--steps/--start-timestep.")
     return QUALITY[args.quality]
 
 
@@ -140,10 +148,10 @@ def options_from_args(args):
     from m3ddm.pipeline import OutpaintOptions
     from m3ddm.schedule import parse_strides
 
-    args.scheduler, args.steps = scheduler_and_steps(args)
+    args.scheduler, args.steps, args.start_timestep = scheduler_and_steps(args)
     options = OutpaintOptions(size=args.size, strides=parse_strides(args.strides), global_frames=args.global_frames,
                               limit_frames=args.limit_frames, seed=args.seed, scheduler=args.scheduler,
-                              steps=args.steps, guidance_local=args.guidance_local,
+                              steps=args.steps, start_timestep=args.start_timestep, guidance_local=args.guidance_local,
                               guidance_global=args.guidance_global, feather=args.feather,
                               keep_resolution=args.keep_resolution, vae_sample=args.vae_sample,
                               plain=args.plain).check()

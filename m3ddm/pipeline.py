@@ -51,7 +51,9 @@ class OutpaintOptions:
     size: side S of the square working canvas (multiple of 64). strides: coarse-to-fine grid strides.
     global_frames: G frames at linspace(0, N-1, G) (0 = no global condition). limit_frames: output only
     the first L frames (None = all). seed: per-clip noise seed. scheduler/steps: "pndm" (reference),
-    "ddim" or "dpm++" (schedulers.SCHEDULERS). guidance_local / guidance_global: see sampler.py.
+    "ddim" or "dpm++" (schedulers.SCHEDULERS). start_timestep (ddim, dpm++; None = the scheduler's own grid):
+    start there and spread the steps over [start_timestep -> alphas_cumprod[0]]; schedulers.REFERENCE_START
+    (961) is the segment of the default PNDM-50. guidance_local / guidance_global: see sampler.py.
     feather: px of blending at the seam (0 = hard paste). keep_resolution: also composite at the source's
     full resolution. vae_sample: sample the VAE posterior (seeded) instead of its mean. plain: the
     reference-shaped slow path. vae_batch: images per VAE call.
@@ -63,6 +65,7 @@ class OutpaintOptions:
     seed: int = 6
     scheduler: str = "pndm"
     steps: int = 50
+    start_timestep: Optional[int] = None
     guidance_local: float = 2.0
     guidance_global: float = 4.0
     feather: int = 0
@@ -79,6 +82,8 @@ class OutpaintOptions:
         if self.scheduler == "pndm" and self.steps < 2:
             raise UserError("--steps 1 with the pndm scheduler runs no denoising step (the reference loop skips "
                             "the first timestep); use --steps 2 or more, or --scheduler ddim.")
+        if self.start_timestep is not None:
+            self.check_start()
         if self.global_frames < 0:
             raise UserError(f"--global-frames {self.global_frames} is negative; use 0 or more (16 is the default).")
         if self.feather < 0:
@@ -92,9 +97,21 @@ class OutpaintOptions:
             raise UserError(f"vae_batch {self.vae_batch} is invalid; use 1 or more.")
         return self
 
+    def check_start(self):
+        start, steps = self.start_timestep, int(self.steps)
+        if self.scheduler == "pndm":
+            raise UserError(f"--start-timestep {start} needs --scheduler ddim or dpm++ (pndm starts where the "
+                            f"reference does, at {schedulers.REFERENCE_START}).")
+        if isinstance(start, bool) or not isinstance(start, int) or not 1 <= start <= 999:
+            raise UserError(f"--start-timestep {start} is out of range; use 1 to 999 "
+                            f"({schedulers.REFERENCE_START} = where the default PNDM-50 starts).")
+        if steps > start + 1:
+            raise UserError(f"--steps {steps} is more than the {start + 1} timesteps from --start-timestep {start} "
+                            f"to 0; use --steps {start + 1} or fewer.")
+
 
 def make_scheduler(options: OutpaintOptions):
-    return schedulers.make_scheduler(options.scheduler, int(options.steps))
+    return schedulers.make_scheduler(options.scheduler, int(options.steps), options.start_timestep)
 
 
 @dataclass

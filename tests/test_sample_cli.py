@@ -289,11 +289,31 @@ def test_cli_quality_presets(real_videos, weights, tmp_path, capsys):
                             "--size", "64", "--quality", "fast", *weights], capsys)
     assert rc == 0, err
     record = json.loads((tmp_path / "pyfeat_single_face.json").read_text())
-    assert (record["options"]["scheduler"], record["options"]["steps"]) == QUALITY["fast"]
+    assert tuple(record["options"][k] for k in ("scheduler", "steps", "start_timestep")) == QUALITY["fast"]
     assert record["unet_calls"] == QUALITY["fast"][1] * record["num_clips"]
-    for extra in (["--steps", "10"], ["--scheduler", "ddim"]):
+    for extra in (["--steps", "10"], ["--scheduler", "ddim"], ["--start-timestep", "961"]):
         expect_error([src, "--ratio", "1:1", "--out", tmp_path / "o", "--size", "64", "--quality", "fast", *extra,
                       *weights], capsys,
                      ["--quality fast", "either --quality or --scheduler/--steps"], tmp_path / "o")
     expect_error([src, "--ratio", "1:1", "--out", tmp_path / "o", "--size", "64", "--scheduler", "dpm++", "--steps",
                   "1000", *weights], capsys, ["--steps 1000", "1 to 999"], tmp_path / "o")
+
+
+def test_cli_start_timestep(real_videos, weights, tmp_path, capsys):
+    """--start-timestep 961 (PNDM-50's segment) with dpm++: the run record keeps it, each clip takes --steps UNet
+    calls; pndm, an out-of-range start and more steps than timesteps are refused before anything is written."""
+    src = real_videos / "pyfeat_single_face.mp4"
+    rc, out, err = run_cli([src, "--ratio", "1:1", "--out", tmp_path, "--limit-frames", "4", "--global-frames", "0",
+                            "--size", "64", "--scheduler", "dpm++", "--steps", "3", "--start-timestep", "961",
+                            *weights], capsys)
+    assert rc == 0, err
+    record = json.loads((tmp_path / "pyfeat_single_face.json").read_text())
+    assert tuple(record["options"][k] for k in ("scheduler", "steps", "start_timestep")) == ("dpm++", 3, 961)
+    assert record["unet_calls"] == 3 * record["num_clips"]
+    base = [src, "--ratio", "1:1", "--out", tmp_path / "o", "--size", "64", *weights]
+    for extra, words in ((["--start-timestep", "961"], ["--start-timestep 961", "ddim or dpm++"]),
+                         (["--scheduler", "ddim", "--start-timestep", "1000"], ["--start-timestep 1000", "1 to 999"]),
+                         (["--scheduler", "ddim", "--start-timestep", "0"], ["--start-timestep 0", "1 to 999"]),
+                         (["--scheduler", "dpm++", "--start-timestep", "9", "--steps", "11"],
+                          ["--steps 11", "10 timesteps", "--steps 10 or fewer"])):
+        expect_error(base + extra, capsys, words, tmp_path / "o")

@@ -7,8 +7,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import FIXTURES, require_diffusers
-from m3ddm.schedulers import (QUALITY, SCHEDULERS, DDIMScheduler, DPMSolverPlusPlusScheduler, PNDMScheduler,
-                              add_noise, alphas_cumprod, dpm_timesteps, leading_timesteps, make_scheduler)
+from m3ddm.schedulers import (QUALITY, REFERENCE_START, SCHEDULERS, DDIMScheduler, DPMSolverPlusPlusScheduler,
+                              PNDMScheduler, add_noise, alphas_cumprod, dpm_timesteps, leading_timesteps,
+                              make_scheduler, segment_timesteps)
 
 SD15 = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
             set_alpha_to_one=False, steps_offset=1)
@@ -287,9 +288,9 @@ def test_scheduler_names_and_quality_presets():
         assert isinstance(s, kinds[name]) and s.num_inference_steps == 20
     with pytest.raises(ValueError, match="received 'euler'"):
         make_scheduler("euler", 20)
-    assert QUALITY["reference"] == ("pndm", 50)
-    for name, steps in QUALITY.values():
-        make_scheduler(name, steps)
+    assert QUALITY["reference"] == ("pndm", 50, None)
+    for name, steps, start in QUALITY.values():
+        make_scheduler(name, steps, start)
 
 
 @pytest.mark.parametrize("config", list(DPM_CONFIGS))
@@ -359,3 +360,131 @@ def test_dpm_in_the_clip_sampler(tiny_models):
         x = ref.step(eps, t, x).prev_sample
         assert rel_err(ours, x) <= 1e-6
     assert torch.equal(out, seen[-1][2])
+
+
+# ---------------------------------------------------------------- start_timestep: PNDM-50's segment for DDIM and DPM++
+
+def test_reference_start_is_where_pndm50_starts():
+    from m3ddm.sampler import sampling_timesteps
+    s = PNDMScheduler(50)
+    assert REFERENCE_START == int(s.timesteps[s.start_index()]) == sampling_timesteps(s)[0] == 961
+
+
+def test_segment_timesteps_by_hand():
+    assert segment_timesteps(10, 961).tolist() == [961, 865, 769, 672, 576, 480, 384, 288, 191, 95]
+    assert segment_timesteps(962, 961).tolist() == list(range(961, -1, -1))   # every timestep: the reference
+    assert segment_timesteps(481, 961).tolist() == list(range(961, 0, -2))    # every other: its check
+    assert segment_timesteps(1, 961).tolist() == [961]
+    for n in range(1, 1001):                          # from T - 1 it is the trailing grid itself
+        assert torch.equal(segment_timesteps(n, 999), dpm_timesteps(n, "trailing")), n
+    for start in (1, 2, 7, 500, 961, 998):
+        for n in range(1, start + 2):
+            ts = segment_timesteps(n, start)
+            assert len(ts) == n and ts[0] == start and ts[-1] >= 0 and bool((ts[1:] < ts[:-1]).all()), (start, n)
+
+
+def test_segment_bad_input_raises():
+    for bad in (0, 1000, -1, 961.0, True):
+        with pytest.raises(ValueError, match=f"start_timestep must be an int in \\[1, 999\\], received {bad!r}"):
+            segment_timesteps(5, bad)
+    with pytest.raises(ValueError, match=r"\[1, 962\].*received 963"):
+        DDIMScheduler(963, start_timestep=961)
+    with pytest.raises(ValueError, match=r"\[1, 962\].*received 0"):
+        DPMSolverPlusPlusScheduler(0, start_timestep=961)
+    with pytest.raises(ValueError, match="does not combine with use_karras_sigmas"):
+        DPMSolverPlusPlusScheduler(10, use_karras_sigmas=True, start_timestep=961)
+    s, x = DDIMScheduler(5, start_timestep=961), torch.zeros(1, 4, 2, 2)
+    with pytest.raises(ValueError, match=r"one of its timesteps \(961 .. 191, start_timestep 961\), received 801"):
+        s.step(x, 801, x)
+    with pytest.raises(ValueError, match="pndm scheduler has no start_timestep"):
+        make_scheduler("pndm", 50, 961)
+
+
+def test_ddim_segment_steps_by_hand():
+    """With the true noise as eps (fp64), each step lands on the next grid timestep, the last on alphas_cumprod[0]."""
+    s, ac = DDIMScheduler(4, start_timestep=REFERENCE_START), alphas_cumprod().double()
+    s.alphas_cumprod, s.final_alpha_cumprod = ac, ac[0]
+    g = torch.Generator().manual_seed(21)
+    x0, eps = torch.randn(6, generator=g, dtype=torch.float64), torch.randn(6, generator=g, dtype=torch.float64)
+    ts = s.timesteps.tolist()
+    assert ts == [961, 721, 480, 239]                             # 962 - k 240.5, half to even, - 1
+    x = ac[961].sqrt() * x0 + (1 - ac[961]).sqrt() * eps
+    for t, a_next in zip(ts, [ac[721], ac[480], ac[239], ac[0]]):
+        x = s.step(eps, t, x)
+        torch.testing.assert_close(x, a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps, rtol=1e-12, atol=1e-12)
+
+
+def test_make_scheduler_start_timestep():
+    ddim, dpm = make_scheduler("ddim", 10, 961), make_scheduler("dpm++", 10, 961)
+    assert torch.equal(ddim.timesteps, segment_timesteps(10, 961)) and torch.equal(dpm.timesteps, ddim.timesteps)
+    assert dpm.final_sigmas_type == "sigma_min" and dpm.euler_at_final  # ends where PNDM and DDIM end
+    assert dpm.sigmas[-1] == ((1 - alphas_cumprod()[0]) / alphas_cumprod()[0]) ** 0.5
+    for name in ("ddim", "dpm++"):                                   # no start_timestep: as before
+        assert make_scheduler(name, 10).start_timestep is None
+    assert make_scheduler("dpm++", 10).final_sigmas_type == "zero" and not make_scheduler("dpm++", 10).euler_at_final
+
+
+@pytest.mark.parametrize("n", [10, 20, 25, 50])
+def test_ddim_segment_matches_diffusers_where_its_gaps_are_even(n):
+    """From 999 with N dividing 1000 the segment grid is even: gap 1000 / N, last timestep gap - 1, which is
+    diffusers' DDIM with steps_offset gap - 1; the steps (next-timestep lookup) match it within 1e-6."""
+    d = require_diffusers()
+    gap = 1000 // n
+    ref = d.DDIMScheduler(clip_sample=False, **{**SD15, "steps_offset": gap - 1})
+    ref.set_timesteps(n)
+    ours = DDIMScheduler(n, start_timestep=999)
+    assert torch.equal(ours.timesteps, ref.timesteps)
+    g = torch.Generator().manual_seed(30 + n)
+    x = torch.randn(2, 4, 3, 5, 5, generator=g)
+    x_ref = x.clone()
+    for t in ours.timesteps:
+        eps = torch.randn(x.shape, generator=g)
+        x, x_ref = ours.step(eps, t, x), ref.step(eps, t, x_ref).prev_sample
+        assert rel_err(x, x_ref) <= 1e-6, f"t={int(t)}"
+
+
+@pytest.mark.parametrize("final", ["zero", "sigma_min"])
+@pytest.mark.parametrize("start", [REFERENCE_START, 500])
+@pytest.mark.parametrize("n", [5, 10, 14, 15, 20, 25, 50])
+def test_dpm_segment_matches_diffusers_custom_timesteps(n, start, final):
+    """start_timestep = diffusers' set_timesteps(timesteps=segment_timesteps(N, s)): the same sigmas, and every
+    step output within 1e-6 relative (N = 14 / 15: both sides of lower_order_final's N < 15)."""
+    d = require_diffusers()
+    ours = DPMSolverPlusPlusScheduler(n, start_timestep=start, final_sigmas_type=final)
+    ref = d.DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                        beta_schedule="scaled_linear", steps_offset=1, final_sigmas_type=final)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ref.set_timesteps(timesteps=segment_timesteps(n, start).tolist())
+    assert torch.equal(ours.timesteps, ref.timesteps) and torch.equal(ours.sigmas, ref.sigmas)
+    g = torch.Generator().manual_seed(40 + n)
+    x = torch.randn(2, 4, 3, 5, 5, generator=g)
+    x_ref = x.clone()
+    for i, t in enumerate(ours.timesteps):
+        eps = torch.randn(x.shape, generator=g)
+        x, x_ref = ours.step(eps, t, x), ref.step(eps, t, x_ref).prev_sample
+        assert rel_err(x, x_ref) <= 1e-6, f"step {i} (t={int(t)})"
+    assert i + 1 == n
+
+
+@pytest.mark.parametrize("n, start", [(15, REFERENCE_START), (25, REFERENCE_START), (50, REFERENCE_START), (20, None)])
+def test_dpm_euler_at_final_matches_diffusers(n, start):
+    """euler_at_final (with sigma_min: a first-order last step at any N) step for step as diffusers' option."""
+    d = require_diffusers()
+    ours = DPMSolverPlusPlusScheduler(n, start_timestep=start, final_sigmas_type="sigma_min", euler_at_final=True)
+    ref = d.DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                        beta_schedule="scaled_linear", steps_offset=1, final_sigmas_type="sigma_min",
+                                        euler_at_final=True, timestep_spacing="trailing")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ref.set_timesteps(n) if start is None else ref.set_timesteps(timesteps=segment_timesteps(n, start).tolist())
+    assert torch.equal(ours.timesteps, ref.timesteps) and torch.equal(ours.sigmas, ref.sigmas)
+    plain = DPMSolverPlusPlusScheduler(n, start_timestep=start, final_sigmas_type="sigma_min")
+    g = torch.Generator().manual_seed(50 + n)
+    x = torch.randn(2, 4, 3, 5, 5, generator=g)
+    x_ref, x_plain = x.clone(), x.clone()
+    for i, t in enumerate(ours.timesteps):
+        eps = torch.randn(x.shape, generator=g)
+        x, x_ref, x_plain = ours.step(eps, t, x), ref.step(eps, t, x_ref).prev_sample, plain.step(eps, t, x_plain)
+        assert rel_err(x, x_ref) <= 1e-6, f"step {i} (t={int(t)})"
+    assert i + 1 == n and not torch.equal(x, x_plain)          # only the last step differs, and it does
