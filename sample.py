@@ -97,7 +97,7 @@ def run(args) -> int:
     from m3ddm.canvas import parse_ratios
     from m3ddm.pipeline import OutpaintOptions, outpaint_video, progress_to_stderr
     from m3ddm.schedule import parse_strides
-    from m3ddm.weights import load_unet, load_vae
+    from m3ddm.weights import check_kind, load_unet, load_vae
     from m3ddm import UserError
 
     ratios = parse_ratios(args.ratio)
@@ -123,6 +123,7 @@ def run(args) -> int:
     dtype = dtypes[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if args.plain:
         dtype = torch.float32
+    check_kind(unet_path, "unet"), check_kind(vae_path, "vae")   # both, from the headers, before loading either
     unet = load_unet(unet_path, device=device, dtype=dtype)
     vae = load_vae(vae_path, device=device, dtype=dtype)
 
