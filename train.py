@@ -34,6 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from m3ddm import distributed
 from m3ddm import masks as M
 from m3ddm import video
 from m3ddm.errors import UserError
@@ -620,20 +621,8 @@ RESUME_FIXED = ("target", "batch_size", "grad_accum", "size", "frames", "global_
 
 
 def setup_distributed(args):
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if args.device == "auto":
-        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() and world > 1 else
-                              "cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device} asks for CUDA, which is not available here; use --device cpu.")
-    if world > 1:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
+    world = distributed.setup(args.device)  # cuda:LOCAL_RANK per rank, process group with a long timeout
+    return world.rank, world.size, world.device
 
 
 def build_model(args, device, resume_dir):
