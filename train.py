@@ -718,6 +718,7 @@ def run_evaluation(args, unet_file, step, device, log):
            "--size", str(args.size), "--frames", str(args.eval_frames), "--steps", str(args.eval_steps),
            "--crop-ratio", "0.25", "--device", str(device), "--previews", "0"]
     log.message(f"step {step}: evaluating {unet_file} on {len(args.eval_videos)} --eval-videos input(s)")
+    distributed.free_cached_memory(device)  # the subprocess needs the GPU memory this process cached
     try:
         r = subprocess.run(cmd, capture_output=True, text=True)
         lines = [s.strip() for s in r.stderr.replace("\r", "\n").splitlines() if s.strip()]
