@@ -543,6 +543,7 @@ def parse_args(argv=None):
     a("--device", default="auto", help="auto (cuda if available, with torchrun cuda:LOCAL_RANK), cpu, cuda, cuda:N")
     a("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
       help="autocast precision: auto = bf16 on CUDA, fp32 on CPU; fp16 uses a gradient scaler")
+    a("--tf32", action="store_true", help="TF32 for fp32 matmuls and convolutions on CUDA (default: exact fp32)")
     a("--gradient-checkpointing", action="store_true")
     a("--attention", choices=("sdpa", "math"), default="sdpa")
     a("--compile", action="store_true", help="torch.compile the model")
@@ -737,6 +738,7 @@ def run_evaluation(args, unet_file, step, device, log):
 def train(args):
     check_args(args)
     rank, world, device = setup_distributed(args)
+    distributed.set_tf32(args.tf32)
     is_main = rank == 0
     out = Path(args.out)
     if is_main:
