@@ -892,7 +892,8 @@ def train(args):
             log.record(step=step, val_loss=val)
             log.message(f"step {step} validation loss {val:.4f}")
         if args.sample_every and step % args.sample_every == 0 and is_main and sample_item is not None:
-            write_sample(out / "samples" / f"step-{step:07d}.mp4", model, vae, sample_item, args, device)
+            with autocast:  # the fp32 training model samples in the training precision (bf16 on CUDA)
+                write_sample(out / "samples" / f"step-{step:07d}.mp4", model, vae, sample_item, args, device)
         if step < args.max_steps and args.save_every and step % args.save_every == 0:
             checkpoint(step)
     checkpoint(step)
