@@ -15,7 +15,6 @@ import struct
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from .errors import UserError
 
@@ -183,14 +182,56 @@ def _config_dict(config) -> dict:
     return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
 
 
+SAFETENSORS_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+def write_safetensors(path, specs: dict, produce, metadata=None):
+    """Write a safetensors file one tensor at a time (temporary name in the same folder, then rename).
+
+    specs: {name: (dtype, shape)} in file order; produce(name) -> that tensor (any device), called once per
+    name while writing, so host memory holds one tensor, never the model (safetensors' save_file makes a
+    bytes copy of every tensor first: 2x the model). Standard format: little-endian u64 header length,
+    JSON header padded with spaces to 8 bytes, then the tensors' bytes back to back.
+    """
+    header, offset = {}, 0
+    for name, (dtype, shape) in specs.items():
+        nbytes = int(torch.Size(shape).numel()) * torch.empty(0, dtype=dtype).element_size()
+        header[name] = {"dtype": SAFETENSORS_NAMES[dtype], "shape": [int(n) for n in shape],
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)) + raw)
+            for name, (dtype, shape) in specs.items():
+                t = produce(name).detach().to("cpu", dtype).contiguous()
+                if tuple(t.shape) != tuple(shape):
+                    raise ValueError(f"{name}: produced shape {tuple(t.shape)}, expected {tuple(shape)}")
+                if t.numel():
+                    f.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # the usual permissions, not a temporary file's 0600
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def save_model(path, state_dict, kind, config, metadata=None, dtype=None) -> str:
     """Write one model as an m3ddm file (temporary name in the same folder, then rename); its sha256.
 
-    dtype (torch dtype or None) casts floating tensors only, so BatchNorm counters stay int64, and not the
-    BatchNorm weights and statistics (`batchnorm_names`), which stay fp32: rounding the global encoder's
-    statistics to fp16 raised its fp16 error from 1.5 % to 2.3 % (tiny fixture), for 4 KB of file.
-    metadata: extra keys; non-string values are stored as JSON ("sources" should be a list of
-    {name, sha256}).
+    Tensors are cast and written one at a time (write_safetensors): host memory holds one tensor beyond the
+    state dict, also for a model on a GPU. dtype (torch dtype or None) casts floating tensors only, so
+    BatchNorm counters stay int64, and not the BatchNorm weights and statistics (`batchnorm_names`), which
+    stay fp32: rounding the global encoder's statistics to fp16 raised its fp16 error from 1.5 % to 2.3 %
+    (tiny fixture), for 4 KB of file. metadata: extra keys; non-string values are stored as JSON
+    ("sources" should be a list of {name, sha256}).
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -198,24 +239,10 @@ def save_model(path, state_dict, kind, config, metadata=None, dtype=None) -> str
     meta.setdefault("sources", "[]")
     meta.update(format=FORMAT, format_version=FORMAT_VERSION, kind=kind,
                 config=json.dumps(_config_dict(config)))
-    tensors, seen, keep = {}, set(), batchnorm_names(state_dict)
-    for name, t in state_dict.items():
-        t = t.detach().to("cpu")
-        if dtype is not None and t.is_floating_point() and name not in keep:
-            t = t.to(dtype)
-        ptr = t.untyped_storage().data_ptr()
-        tensors[name] = t.contiguous().clone() if ptr in seen else t.contiguous()  # no shared storage
-        seen.add(ptr)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp), metadata=meta)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # the usual permissions, not a temporary file's 0600
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    keep = batchnorm_names(state_dict)
+    specs = {name: (dtype if dtype is not None and t.is_floating_point() and name not in keep else t.dtype,
+                    tuple(t.shape)) for name, t in state_dict.items()}
+    write_safetensors(path, specs, lambda name: state_dict[name], meta)
     return sha256_file(path)
 
 

@@ -266,3 +266,37 @@ def test_header_promising_more_bytes_than_the_file_is_one_clear_error(tmp_path):
     for call in (W.load_tensors, W.read_header, lambda p: W.check_kind(p, "unet"), W.load_unet):
         with pytest.raises(UserError, match=r"truncated \(\d+ bytes, the header needs 5200000\d+\)"):
             call(path)
+
+
+def test_streamed_writer_is_standard_safetensors(tmp_path):
+    """write_safetensors (one tensor at a time) makes files safetensors itself reads back exactly, with
+    metadata, every dtype m3ddm reads, empty tensors and a header padded to 8 bytes."""
+    from safetensors import safe_open
+    sd = {"a": torch.randn(3, 5), "b": torch.randn(7).half(), "c": torch.randn(2, 2).bfloat16(),
+          "n": torch.tensor(3), "e": torch.zeros(0, 4), "m": torch.tensor([True, False]),
+          "v": torch.arange(12.0).view(3, 4).t()}                         # a non-contiguous view
+    path = tmp_path / "s.safetensors"
+    W.write_safetensors(path, {k: (v.dtype, tuple(v.shape)) for k, v in sd.items()}, lambda k: sd[k], {"x": "y"})
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata() == {"x": "y"}
+        assert all(torch.equal(f.get_tensor(k), v) and f.get_tensor(k).dtype == v.dtype for k, v in sd.items())
+    import struct
+    n = struct.unpack("<Q", path.read_bytes()[:8])[0]
+    assert n % 8 == 0 and W.load_tensors(path).keys() == sd.keys()
+    assert [p.name for p in tmp_path.iterdir()] == ["s.safetensors"]
+
+
+def test_save_model_writes_one_tensor_at_a_time(tmp_path):
+    """save_model asks for each tensor once, in order, casting as it goes (no whole-model bytes copy)."""
+    order = []
+
+    class Recording(dict):
+        def __getitem__(self, k):
+            order.append(k)
+            return dict.__getitem__(self, k)
+
+    sd = Recording({"w": torch.randn(4, 4), "bn.running_var": torch.rand(4) + 1, "bn.weight": torch.ones(4)})
+    W.save_model(tmp_path / "m.safetensors", sd, "vae", VAEConfig(), dtype=torch.float16)
+    assert order == ["w", "bn.running_var", "bn.weight"]
+    back = W.load_tensors(tmp_path / "m.safetensors")
+    assert back["w"].dtype == torch.float16 and back["bn.running_var"].dtype == torch.float32
