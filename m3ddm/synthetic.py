@@ -19,21 +19,34 @@ CLASS_NAMES = {"unet": "UNet3DConditionModel", "vae": "AutoencoderKL"}
 
 def random_tensor(name: str, shape, gen: torch.Generator, dtype=torch.float32) -> torch.Tensor:
     """A seeded random tensor whose scale fits its role: matrices and kernels N(0, 1/fan_in), norm scales
-    1 + N(0, 0.1^2), biases and shifts N(0, 0.02^2), BatchNorm variances in [0.5, 1.5], counters 0.
+    1 + N(0, 0.1^2), biases and shifts N(0, 0.02^2), BatchNorm variances in [0.5, 1.5], counters 0. Drawn on
+    the generator's device in fp32, then cast, so every dtype and device gets the same values.
 
     Unlike a fresh model (zero attention outputs, identity temporal convolutions) every layer is active."""
+    device = gen.device
     if name.endswith("num_batches_tracked"):
-        return torch.zeros(shape, dtype=torch.int64)
+        return torch.zeros(shape, dtype=torch.int64, device=device)
     if name.endswith("running_var"):
-        value = 0.5 + torch.rand(shape, generator=gen)
+        value = 0.5 + torch.rand(shape, generator=gen, device=device)
     elif len(shape) >= 2:
         fan_in = max(1, int(torch.Size(shape[1:]).numel()))
-        value = torch.randn(shape, generator=gen) / fan_in ** 0.5
+        value = torch.randn(shape, generator=gen, device=device) / fan_in ** 0.5
     elif name.endswith("weight"):
-        value = 1 + 0.1 * torch.randn(shape, generator=gen)
+        value = 1 + 0.1 * torch.randn(shape, generator=gen, device=device)
     else:
-        value = 0.02 * torch.randn(shape, generator=gen)
+        value = 0.02 * torch.randn(shape, generator=gen, device=device)
     return value.to(dtype)
+
+
+@torch.no_grad()
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Fill every parameter and buffer in place, on its own device (a model made with to_empty on a GPU is
+    randomised there, one tensor at a time), with the values random_tensor gives for that seed."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device).manual_seed(seed)
+    for name, t in model.state_dict(keep_vars=True).items():
+        t.copy_(random_tensor(name, tuple(t.shape), gen, t.dtype))
+    return model
 
 
 def tensor_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
