@@ -10,6 +10,7 @@ the estimate adds as a stated margin. On meta, F.scaled_dot_product_attention ta
 
     python -m m3ddm.memory estimate --config full --size 256 --dtype bf16      # the sampler on a GPU
     python -m m3ddm.memory validate --config small --size 256                  # the method vs CPU peak RSS
+    python -m m3ddm.memory autocast --config small --size 128                  # bf16 model vs fp32 + autocast
 
 `validate` runs one UNet call of the sampler for real on the CPU (fp32) in this process and compares the
 measured rise of the peak RSS with the tracker's count on real tensors and on meta tensors.
@@ -216,13 +217,44 @@ def validate(config="small", size=256, branches=3) -> dict:
             "measured_peak_rss_rise_bytes": measured, "measured_over_tracked": measured / counted["cpu"]}
 
 
+def autocast_cost(config="small", size=128, branches=3) -> dict:
+    """Activation bytes of one UNet call (CPU tensors, counted): a bf16 model vs an fp32 model under bf16
+    autocast (with and without autocast's weight-cast cache), without and with autograd. Under autocast
+    GroupNorm/LayerNorm run in fp32 (autocast's fp32 list): their inputs are upcast copies, and with
+    autograd those copies are what they save for the backward."""
+    with torch.device("meta"):
+        meta = UNet3D(copy.deepcopy(UNET_PRESETS[config]))
+    fp32 = meta.to_empty(device="cpu")
+    bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
+    h, result = size // 8, {}
+    tokens = GLOBAL_FRAMES * ((h + 1) // 2 - 2) ** 2
+    for name, model, autocast, cache in (("bf16 model", bf16, False, False),
+                                         ("fp32 model, bf16 autocast", fp32, True, True),
+                                         ("fp32 model, bf16 autocast, no weight-cast cache", fp32, True, False)):
+        dtype = next(model.parameters()).dtype
+        for grad in (False, True):
+            with torch.set_grad_enabled(grad), FusedAttention(), LiveMemory(block=1) as mode:
+                for t in list(model.parameters()) + list(model.buffers()):
+                    mode.track(t, "weights")
+                base = mode.live
+                x = torch.zeros(branches, 9, CLIP_FRAMES, h, h, dtype=dtype)
+                context = torch.zeros(branches, tokens, 320, dtype=dtype)
+                with torch.autocast("cpu", torch.bfloat16, enabled=autocast, cache_enabled=cache):
+                    out = model(x, torch.tensor(961), torch.tensor([4]), context=context)
+                held = mode.live - base
+                del out, x, context
+            result[f"{name}, {'autograd' if grad else 'no_grad'}"] = {"peak_bytes": mode.peak - base,
+                                                                      "held_after_forward_bytes": held}
+    return {"config": config, "size": size, "branches": branches, "rows": result}
+
+
 def gib(n: int) -> str:
     return f"{n / 2 ** 30:.2f} GiB"
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m m3ddm.memory", description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=("estimate", "validate"))
+    p.add_argument("what", choices=("estimate", "validate", "autocast"))
     p.add_argument("--config", default=None, choices=sorted(UNET_PRESETS), help="default full (estimate), small (validate)")
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="estimate only (validate runs fp32)")
@@ -247,6 +279,11 @@ def main(argv=None) -> int:
                   f"{gib(e.total)} estimated peak")
             for n, d in e.at_peak:
                 print(f"  {n / 2 ** 20:9.1f} MiB  {d}")
+        elif args.what == "autocast":
+            result = autocast_cost(args.config or "small", args.size, args.branches)
+            for name, r in result["rows"].items():
+                print(f"{name:<62} peak {r['peak_bytes'] / 2 ** 20:8.0f} MiB, held after the forward "
+                      f"{r['held_after_forward_bytes'] / 2 ** 20:8.0f} MiB")
         elif "MALLOC_MMAP_THRESHOLD_" not in os.environ:
             # glibc keeps freed blocks in its heap (its mmap threshold grows with each freed large block), so a
             # second step would reuse resident pages and the RSS would under-count: a fixed 64 KiB threshold
