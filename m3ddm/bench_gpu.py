@@ -97,7 +97,7 @@ def unet_call(unet, args, device, dtype):
     g = torch.randn((1, bench.NUM_GLOBAL, 4, h, h), generator=gen).to(device, dtype)
     t, fps = torch.tensor(bench.BENCH_TIMESTEP, device=device), torch.tensor([bench.UNET_FPS], device=device)
     with torch.no_grad():
-        context = unet.encode_global(g).expand(BRANCHES, -1, -1)
+        context = torch.cat([unet.encode_global(g)] * BRANCHES)   # contiguous, as the sampler's: one graph
     return torch.no_grad()(lambda model: model(x, t, fps, context=context))
 
 
