@@ -10,6 +10,7 @@ machine plus a margin: conversion 5.07 GiB (fp32), sampling 6.33 GiB (fp32).
 """
 import json
 import shutil
+import sys
 
 import pytest
 
@@ -46,7 +47,7 @@ def test_conversion_sizes_dtypes_and_memory(converted):
     files, runs = converted["files"], converted["runs"]
     assert files["unet_fp32"].stat().st_size == pytest.approx(5.197e9, rel=1e-3)   # 1,299,279,320 fp32 parameters
     assert files["unet_fp16"].stat().st_size == pytest.approx(2.599e9, rel=1e-3)
-    info = B.run_measured([B.sys.executable, B.ROOT / "weights_convert.py", "info", files["unet_fp16"]])
+    info = B.run_measured([sys.executable, B.ROOT / "weights_convert.py", "info", files["unet_fp16"]])
     assert info["rc"] == 0 and "parameters: 1,299,279,320" in info["stdout"]
     assert "F16 x1341" in info["stdout"] and "F32 x140" in info["stdout"]     # BatchNorms stay fp32
     # the source is memory-mapped (its pages count in RSS), the output written one tensor at a time
