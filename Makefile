@@ -27,7 +27,7 @@ PIP = $(PYTHON) -m pip install -q --disable-pip-version-check
 OUT ?= out
 VIDEO_CACHE ?= $(HOME)/.cache/m3ddm/real_videos
 
-.PHONY: install install-test test test-fast sample train eval bench convert videos demo-weights clean python
+.PHONY: install install-test test test-fast sample train eval bench bench-gpu bench-fullsize convert videos demo-weights clean python
 
 # the project-local virtual environment (only when no PYTHON / active environment was given)
 $(VENV)/bin/python:
@@ -88,6 +88,15 @@ eval: install
 
 bench: install
 	$(PYTHON) -m m3ddm.bench $(BENCH_ARGS)
+
+# the prepared GPU run: full config, 256 px, 16 frames, 50 PNDM steps, bf16, eager and compiled, fp16/fp32
+# agreement, a whole video; under 8 minutes on one H100/H200 (--budget-s 420 skips what would not fit)
+bench-gpu: install
+	$(PYTHON) -m m3ddm.bench_gpu --out $(OUT)/bench_gpu $(BENCH_GPU_ARGS)
+
+# the released configuration through weights_convert.py and sample.py on the CPU (~20 GB of disk)
+bench-fullsize: install
+	OMP_WAIT_POLICY=PASSIVE $(PYTHON) -m m3ddm.bench_fullsize --out $(OUT)/fullsize $(BENCH_FULLSIZE_ARGS)
 
 convert: install
 	$(PYTHON) weights_convert.py vae $(SD) weights/vae.safetensors

@@ -166,6 +166,8 @@ def run(args) -> int:
     options = options_from_args(args)
     videos = find_videos(args.inputs)
     weights = {"unet": weights_path(args.unet, DEFAULT_UNET, "UNet"), "vae": weights_path(args.vae, DEFAULT_VAE, "VAE")}
+    from m3ddm.weights import check_kind
+    check_kind(weights["unet"], "unet"), check_kind(weights["vae"], "vae")  # both, from the headers, before loading either
     world = distributed.setup_sharding(args.device)
     try:
         videos = distributed.broadcast_from_main(world, videos)   # one list, even if the folder changes meanwhile

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from m3ddm import distributed
 from m3ddm import masks as M
 from m3ddm import video
 from m3ddm.data import TRAIN_STREAM, VAL_STREAM, ClipDataset, ClipSpec, clip_loader, list_videos, split_videos
@@ -78,6 +79,7 @@ def parse_args(argv=None):
       help="autocast precision: auto = bf16 on CUDA, fp32 on CPU; fp16 uses a gradient scaler")
     a("--gradient-checkpointing", action="store_true")
     a("--attention", choices=("sdpa", "math"), default="sdpa")
+    a("--tf32", action="store_true", help="TF32 for fp32 matmuls and convolutions on CUDA (default: exact fp32)")
     a("--compile", action="store_true", help="torch.compile the model")
     a("--ema", type=float, default=0.0, help="EMA decay in [0, 1), e.g. 0.9999; 0 = off (default)")
     a("--vae-batch", type=int, default=16, help="images per VAE encode call")
@@ -158,23 +160,8 @@ RESUME_FIXED = ("target", "batch_size", "grad_accum", "size", "frames", "global_
 
 
 def setup_distributed(args):
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if args.device == "auto":
-        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() and world > 1 else
-                              "cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        try:
-            device = torch.device(args.device)
-        except RuntimeError:
-            raise UserError(f"--device {args.device!r} is not a device name; use auto, cpu, cuda or cuda:N.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device} asks for CUDA, which is not available here; use --device cpu.")
-    if world > 1:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
+    world = distributed.setup(args.device)  # cuda:LOCAL_RANK per rank, process group with a long timeout
+    return world.rank, world.size, world.device
 
 
 def autocast_for(args, device):
@@ -468,6 +455,7 @@ def write_sample(path, unet, vae, item, args, device):
 def train(args):
     check_args(args)
     rank, world, device = setup_distributed(args)
+    distributed.set_tf32(args.tf32)
     is_main, out = rank == 0, Path(args.out)  # --out is created when the first step is logged
     resume_dir, state = load_resume(args)
     precision, autocast = autocast_for(args, device)
@@ -504,7 +492,8 @@ def train(args):
         if args.val_every and step % args.val_every == 0 and val_loader is not None:
             log.validation(step, run_validation(core, objective, val_loader, autocast))
         if args.sample_every and step % args.sample_every == 0 and sample_item is not None:
-            write_sample(out / "samples" / f"step-{step:07d}.mp4", model, vae, sample_item, args, device)
+            with autocast:  # the fp32 training model samples in the training precision (bf16 on CUDA)
+                write_sample(out / "samples" / f"step-{step:07d}.mp4", model, vae, sample_item, args, device)
         if step < args.max_steps and args.save_every and step % args.save_every == 0:
             checkpoint()
     checkpoint()
@@ -553,6 +542,7 @@ def run_evaluation(args, unet_file, step, device, log):
            "--size", str(args.size), "--frames", str(args.eval_frames), "--steps", str(args.eval_steps),
            "--crop-ratio", "0.25", "--device", str(device), "--previews", "0"]
     log.message(f"step {step}: evaluating {unet_file} on {len(args.eval_videos)} --eval-videos input(s)")
+    distributed.free_cached_memory(device)  # the subprocess needs the GPU memory this process cached
     try:
         r = subprocess.run(cmd, capture_output=True, text=True)
         lines = [s.strip() for s in r.stderr.replace("\r", "\n").splitlines() if s.strip()]

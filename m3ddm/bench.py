@@ -269,17 +269,20 @@ def bench_unet(args, models: Models, inputs: ClipInputs, device, dtype) -> list:
         tokens = models.fast_eager.encode_global(inputs.global_latents[None].to(dtype))   # (1, T, 320)
     x_fast = x[:1].expand(args.batch, -1, -1, -1, -1).to(dtype)
     context = tokens.expand(args.batch, -1, -1)
+    # device tensors made once: a Python scalar would be a host-to-device copy per call (and a recompile
+    # per value under torch.compile)
+    t, fps = torch.tensor(BENCH_TIMESTEP, device=device), torch.tensor([UNET_FPS], device=device)
 
     @torch.no_grad()
     def fast(unet=models.fast):
-        return unet(x_fast, BENCH_TIMESTEP, UNET_FPS, context=context)
+        return unet(x_fast, t, fps, context=context)
 
     global_latents = inputs.global_latents[None].expand(4, -1, -1, -1, -1)
 
     @torch.no_grad()
     def plain():
         with plain_attention(models.plain):
-            return models.plain(x, BENCH_TIMESTEP, UNET_FPS, global_latents=global_latents)
+            return models.plain(x, t, fps, global_latents=global_latents)
 
     shape = f"{args.frames}x{args.size}px"
     rows = [measure("unet", f"forward fast B={args.batch} {args.dtype} {shape}", fast, args, device,
