@@ -2,16 +2,50 @@
 # Every target installs what it needs itself (idempotent: nothing is reinstalled when present).
 # torch: an existing install is kept; otherwise TORCH is installed (the local CPU wheel here).
 # Override with e.g. `make install TORCH="torch==2.5.1"` (a TORCH given on the command line is always installed).
+#
+# Which Python (a distribution's python3 is "externally managed", PEP 668: pip may not install into it):
+#   PYTHON=/path/to/python given (command line or environment): that one, as it is;
+#   else an active virtual environment ($VIRTUAL_ENV) or conda environment ($CONDA_PREFIX): its python;
+#   else a project-local virtual environment $(VENV) (.venv), created with $(BASE_PYTHON) (python3) on first use.
+#   Where the distribution lacks ensurepip (Debian/Ubuntu without python3-venv) it is made --without-pip and
+#   pip is bootstrapped from the system's pip (`pip --python`) or its pip wheel (/usr/share/python-wheels).
 
-PYTHON ?= python3
+VENV ?= .venv
+BASE_PYTHON ?= python3
+ifneq ($(filter command environment,$(firstword $(origin PYTHON))),)
+  ENV_TARGET :=
+else ifneq ($(VIRTUAL_ENV),)
+  PYTHON := $(VIRTUAL_ENV)/bin/python
+else ifneq ($(CONDA_PREFIX),)
+  PYTHON := $(CONDA_PREFIX)/bin/python
+else
+  PYTHON := $(VENV)/bin/python
+  ENV_TARGET := $(PYTHON)
+endif
 TORCH ?= torch==2.13.0
 PIP = $(PYTHON) -m pip install -q --disable-pip-version-check
 OUT ?= out
 VIDEO_CACHE ?= $(HOME)/.cache/m3ddm/real_videos
 
-.PHONY: install install-test test test-fast sample train eval bench convert videos demo-weights clean
+.PHONY: install install-test test test-fast sample train eval bench bench-gpu bench-fullsize convert videos demo-weights clean python
 
-install:
+# the project-local virtual environment (only when no PYTHON / active environment was given)
+$(VENV)/bin/python:
+	@echo "creating the virtual environment $(VENV) with $(BASE_PYTHON)" >&2
+	@rm -rf $(VENV); $(BASE_PYTHON) -m venv $(VENV) >/dev/null 2>&1 || { rm -rf $(VENV) && \
+		$(BASE_PYTHON) -m venv --without-pip $(VENV) && \
+		{ $(BASE_PYTHON) -m pip --python $(VENV)/bin/python install -q pip 2>/dev/null || \
+		  { whl=$$(ls /usr/share/python-wheels/pip-*.whl 2>/dev/null | tail -n 1); [ -n "$$whl" ] && \
+		    $(VENV)/bin/python $$whl/pip install -q pip; }; }; } || \
+		{ rm -rf $(VENV); echo "error: could not create $(VENV) with $(BASE_PYTHON) (no venv/ensurepip and no pip to \
+	bootstrap it); install python3-venv (Debian/Ubuntu), or pass PYTHON=/path/to/python of an environment pip may \
+	install into." >&2; exit 1; }
+
+# the Python that every target uses
+python: $(ENV_TARGET)
+	@echo $(PYTHON)
+
+install: $(ENV_TARGET)
 ifeq ($(origin TORCH),command line)
 	$(PIP) "$(TORCH)"
 else
@@ -37,7 +71,8 @@ videos:
 # output video and its preview PNG (ground truth | input | output). SAMPLE_ARGS adds or overrides sample.py options.
 DEMO_CLIP = m3ddm/assets/kivy_city_4x3.mp4
 DEMO_TRUTH = m3ddm/assets/kivy_city_16x9_truth.mp4
-DEMO_SAMPLE_ARGS = --ratio 16:9 --size 128 --scheduler ddim --steps 20 --global-frames 8 --out $(OUT)/sample
+# --overwrite: a SAMPLE_ARGS change replaces the demo's earlier output (the same arguments skip it: it is done)
+DEMO_SAMPLE_ARGS = --ratio 16:9 --size 128 --scheduler ddim --steps 20 --global-frames 8 --out $(OUT)/sample --overwrite
 
 sample: install
 	@start=$$(date +%s); $(DEMO_ENV) $(PYTHON) sample.py $(DEMO_CLIP) $(DEMO_SAMPLE_ARGS) --truth $(DEMO_TRUTH) \
@@ -51,6 +86,15 @@ eval: install
 
 bench: install
 	$(PYTHON) -m m3ddm.bench $(BENCH_ARGS)
+
+# the prepared GPU run: full config, 256 px, 16 frames, 50 PNDM steps, bf16, eager and compiled, fp16/fp32
+# agreement, a whole video; under 8 minutes on one H100/H200 (--budget-s 420 skips what would not fit)
+bench-gpu: install
+	$(PYTHON) -m m3ddm.bench_gpu --out $(OUT)/bench_gpu $(BENCH_GPU_ARGS)
+
+# the released configuration through weights_convert.py and sample.py on the CPU (~20 GB of disk)
+bench-fullsize: install
+	OMP_WAIT_POLICY=PASSIVE $(PYTHON) -m m3ddm.bench_fullsize --out $(OUT)/fullsize $(BENCH_FULLSIZE_ARGS)
 
 convert: install
 	$(PYTHON) weights_convert.py vae $(SD) weights/vae.safetensors
@@ -98,4 +142,4 @@ demo-weights: install
 		--wall-s $$(( $$(date +%s) - $$(cat $(DEMO)/started_at) ))
 
 clean:
-	rm -rf .pytest_cache build *.egg-info
+	rm -rf .pytest_cache build *.egg-info    # the environment stays: `rm -rf .venv` to remake it

@@ -9,7 +9,10 @@ the generated band alone.
 
     python evaluate.py VIDEOS_OR_DIRS... --out DIR [--method model zero replicate reflect fill]
         [--crop-ratio 0.25 0.66] [--axis horizontal|vertical] [--size 256] [--frames 16|-1]
-        [--unet U --vae V] [--lpips L] [--i3d I --i3d-sha256 HEX]
+        [--unet U --vae V --steps 50 --scheduler pndm --seed 6] [--lpips L] [--i3d I --i3d-sha256 HEX]
+
+summary.json records how every row was made: the protocol, the weights (path and sha256), the sampler
+settings of the model rows, the device, dtype and m3ddm version.
 """
 import argparse
 import csv
@@ -17,15 +20,18 @@ import json
 import math
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from m3ddm import canvas, pipeline, video, weights
+from m3ddm import canvas, cli, data, pipeline, video, weights
 from m3ddm import metrics as M
 from m3ddm.errors import UserError
+from m3ddm.schedulers import SCHEDULERS
+from m3ddm.version import __version__
 
 BASELINES = ("zero", "replicate", "reflect", "fill")
 METHODS = ("model",) + BASELINES
@@ -38,24 +44,6 @@ METRIC_COLUMNS = ("psnr", "psnr_band", "ssim", "ssim_band", "ssim_gauss", "ssim_
 
 # ------------------------------------------------------------------------------------------------
 # Inputs and geometry
-
-
-def find_videos(inputs):
-    """Video files named on the command line, or found (non-recursively) in named folders."""
-    videos = []
-    for name in inputs:
-        p = Path(name)
-        if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in video.VIDEO_EXTENSIONS)
-            if not found:
-                raise UserError(f"folder {p} holds no videos ({', '.join(video.VIDEO_EXTENSIONS)}); "
-                                "point to a folder of video files.")
-            videos += found
-        elif p.is_file():
-            videos.append(p)
-        else:
-            raise UserError(f"{p} does not exist; give video files or folders of videos.")
-    return videos
 
 
 def eval_size(width, height, size):
@@ -163,11 +151,19 @@ class ModelMethod:
         self.device = torch.device(args.device)
         self.unet = weights.load_unet(args.unet, self.device)
         self.vae = weights.load_vae(args.vae, self.device)
-        self.options = pipeline.OutpaintOptions(size=canvas.check_size(args.size), steps=args.steps,
-                                                seed=args.seed).check()
+        self.options = pipeline.OutpaintOptions(size=args.size, steps=args.steps, seed=args.seed,
+                                                scheduler=args.scheduler).check()
 
-    def __call__(self, inp, width, height, fps):
-        """inp uint8 (F, 3, h, w) -> uint8 (F, 3, height, width)."""
+    def provenance(self, args):
+        """How the model rows were made: weights (path, sha256), sampler options, device, dtype, m3ddm version."""
+        return {"weights": {k: {"path": str(p), "sha256": weights.sha256_file(p)}
+                            for k, p in (("unet", args.unet), ("vae", args.vae))},
+                "options": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.options).items()},
+                "device": str(self.device), "dtype": str(next(self.unet.parameters()).dtype).replace("torch.", ""),
+                "m3ddm_version": __version__}
+
+    def __call__(self, inp, width, height, fps, progress=None):
+        """inp uint8 (F, 3, h, w) -> uint8 (F, 3, height, width); progress(line) gets the pipeline's lines."""
         s = self.options.size
         h_in, w_in = inp.shape[-2:]
         geom = canvas.CanvasGeometry(
@@ -175,7 +171,7 @@ class ModelMethod:
             scale=1.0, resized_hw=(h_in, w_in), pad=((s - h_in) // 2, (s - w_in) // 2),
             crops={(width, height): ((s - width) // 2, (s - height) // 2, width, height)})
         result = pipeline.outpaint_frames(canvas.tensor_to_frames(inp), self.unet, self.vae, fps=fps,
-                                               options=self.options, geometry=geom, device=self.device)
+                                          options=self.options, geometry=geom, device=self.device, progress=progress)
         return canvas.frames_to_tensor(result.crops[(width, height)])
 
 
@@ -279,9 +275,10 @@ def _jsonable(x):
 # Video I/O
 
 
-def read_frames(path, count):
-    """The first `count` frames (all if count == -1) as uint8 (F, 3, H, W) RGB, and the frame rate."""
-    info = video.probe(path)
+def read_frames(path, count, info=None):
+    """The first `count` frames (all if count == -1) as uint8 (F, 3, H, W) RGB, and the frame rate.
+    info: the video's video.VideoInfo when already probed."""
+    info = info or video.probe(path)
     if count != -1 and info.num_frames < count:
         raise UserError(f"{path} has {info.num_frames} frames, fewer than --frames {count}; "
                         "lower --frames or pass --frames -1 to use every frame.")
@@ -310,7 +307,7 @@ def write_preview(path, panels, fps):
 # Command line
 
 
-def parse_args(argv):
+def build_parser():
     p = argparse.ArgumentParser(description="Benchmark video outpainting: PSNR, SSIM, LPIPS, FVD, flicker.")
     p.add_argument("videos", nargs="+", help="video files, or folders of videos (not searched recursively)")
     p.add_argument("--out", required=True, help="output folder for per_video.csv, summary.json, summary.md")
@@ -319,19 +316,27 @@ def parse_args(argv):
     p.add_argument("--crop-ratio", nargs="+", type=float, default=[0.25, 0.66],
                    help="fraction of the width (or height) removed, half on each side (default 0.25 0.66)")
     p.add_argument("--axis", choices=("horizontal", "vertical"), default="horizontal")
-    p.add_argument("--size", type=int, default=256, help="long side of the evaluation frames (default 256)")
+    p.add_argument("--size", type=int, default=256,
+                   help="long side of the evaluation frames: a multiple of 8, at least 32; with --method model a "
+                        "multiple of 64, the model's canvas (default 256)")
     p.add_argument("--frames", type=int, default=16, help="first N frames of each video, -1 for all (default 16)")
     p.add_argument("--unet", help="m3ddm unet weights (for --method model)")
     p.add_argument("--vae", help="m3ddm vae weights (for --method model)")
     p.add_argument("--steps", type=int, default=50, help="sampler steps for the model (default 50)")
+    p.add_argument("--scheduler", choices=SCHEDULERS, default="pndm",
+                   help="sampler for the model (default pndm, as the reference), as sample.py")
     p.add_argument("--seed", type=int, default=6, help="sampler seed for the model (default 6, as the reference)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--lpips", default=DEFAULT_LPIPS,
                    help="m3ddm LPIPS weights from `weights_convert.py lpips` (skipped if the default is absent)")
     p.add_argument("--i3d", help="i3d_torchscript.pt for FVD (FVD is skipped without it)")
     p.add_argument("--i3d-sha256", help="sha256 of the I3D file; it is loaded only if its hash matches")
-    p.add_argument("--previews", type=int, default=2, help="videos that get side-by-side mp4s (default 2)")
-    return p.parse_args(argv)
+    p.add_argument("--previews", type=int, default=2, help="videos that get side-by-side mp4s, 0 or more (default 2)")
+    return p
+
+
+def parse_args(argv):
+    return build_parser().parse_args(argv)
 
 
 def check_args(args):
@@ -342,6 +347,12 @@ def check_args(args):
         raise UserError(f"--frames {args.frames} is too small; pass at least 2, or -1 for every frame.")
     if args.size < 32 or args.size % 8:
         raise UserError(f"--size {args.size} must be a multiple of 8 and at least 32; use e.g. --size 256.")
+    if "model" in args.method and args.size % canvas.SIDE_MULTIPLE:
+        raise UserError(f"--size {args.size} with --method model must be a multiple of {canvas.SIDE_MULTIPLE} (the "
+                        "model's square canvas); use e.g. --size 256.")
+    if args.previews < 0:
+        raise UserError(f"--previews {args.previews} is negative; pass 0 (no previews) or more.")
+    args.device = str(resolve_device(args.device))
     if "model" in args.method:
         for flag, value in (("--unet", args.unet), ("--vae", args.vae)):
             if not value or not Path(value).is_file():
@@ -355,6 +366,17 @@ def check_args(args):
         raise UserError(f"FVD needs at least {M.I3D_MIN_FRAMES} frames per video; raise --frames.")
 
 
+def resolve_device(name):
+    """sample.py's rule: the given device, else cuda when available, else cpu."""
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device name; use cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is available; use --device cpu.")
+    return device
+
+
 def load_lpips_if_present(args):
     path = Path(args.lpips)
     if not path.is_file():
@@ -364,37 +386,86 @@ def load_lpips_if_present(args):
     return M.load_lpips(path, device=args.device)
 
 
-def progress(text):
-    print(f"\r{text}\033[K", end="", file=sys.stderr, flush=True)
+def progress(text, end=None):
+    """One line rewritten in place on a terminal (end it with end="\\n"); in a log, one line each."""
+    cli.progress_line(text, final=end == "\n")
 
 
 class Evaluation:
-    """One evaluation run: the scorers and models, the per-video rows and the I3D features for FVD."""
+    """One evaluation run: the scorers and models, the per-video rows and the I3D features for FVD.
 
-    def __init__(self, args):
+    Under torchrun each rank scores its share of the videos (`score_share`); rank 0 gathers every video's rows
+    and features and puts them in input order (`merge`), so its reports equal a single process's."""
+
+    def __init__(self, args, world=None):
         self.args = args
+        self.world = world
+        self.start = time.time()
+        self.prefix = f"[rank {world.rank}] " if world is not None and world.size > 1 else ""
+        self.say("loading the scorers" + (" and the model" if "model" in args.method else "") + f" on {args.device}")
         self.lpips = load_lpips_if_present(args)
         self.i3d = M.load_i3d(args.i3d, args.i3d_sha256, args.device) if args.i3d else None
         self.model = ModelMethod(args) if "model" in args.method else None
         self.out_dir = Path(args.out)
         self.rows = []
-        self.feats = {}  # (kind, method, ratio) -> list of (400,) I3D features, one per video
-        self.start = time.time()
+        self.feats = {}  # (kind, method, ratio) -> list of (400,) I3D features, one per video, in input order
+        self.notes = set()
+
+    def say(self, text):
+        progress(f"{self.prefix}[{time.time() - self.start:6.1f}s] {text}")
+
+    def model_progress(self, context):
+        """The pipeline's lines in the progress line; each distinct `note:` once, on a line of its own."""
+        def show(line):
+            if not line.startswith("note: "):
+                self.say(f"{context}: {line}")
+            elif line not in self.notes:
+                self.notes.add(line)
+                progress(line, end="\n")
+        return show
 
     def add_features(self, key, frames):
         if self.i3d is not None:
             self.feats.setdefault(key, []).append(M.i3d_features(self.i3d, frames[None])[0])
 
-    def outpaint(self, method, inp, cut, width, height, fps):
+    def score_share(self, indices, videos, infos) -> list:
+        """[(video index, its rows, its features)] for this rank's videos; stops at the first bad one, whose
+        entry is (index, error message, None)."""
+        results = []
+        for i in indices:
+            self.rows, self.feats = [], {}
+            try:
+                self.video(i, len(videos), videos[i], infos.get(i))
+            except UserError as e:
+                if self.world is None or self.world.size == 1:
+                    raise                      # one process: the error as it was raised
+                results.append((i, str(e), None))
+                break
+            results.append((i, self.rows, self.feats))
+        return results
+
+    def merge(self, parts):
+        """Rank 0: the gathered per-video results in input order; raises the first video's error if any failed."""
+        results = sorted((r for part in parts for r in part), key=lambda r: r[0])
+        for _, rows, feats in results:
+            if feats is None:
+                raise UserError(rows)
+        self.rows, self.feats = [], {}
+        for _, rows, feats in results:
+            self.rows += rows
+            for key, values in feats.items():
+                self.feats.setdefault(key, []).extend(values)
+
+    def outpaint(self, method, inp, cut, width, height, fps, context=""):
         if method == "model":
-            return self.model(inp, width, height, fps)
+            return self.model(inp, width, height, fps, progress=self.model_progress(context))
         if method == "fill":
             return fill_baseline(inp, cut, self.args.axis)
         return pad_baseline(inp, cut, self.args.axis, method)
 
-    def video(self, index, count, path):
+    def video(self, index, count, path, info=None):
         args = self.args
-        frames, fps = read_frames(path, args.frames)
+        frames, fps = read_frames(path, args.frames, info)
         width, height = eval_size(frames.shape[-1], frames.shape[-2], args.size)
         if self.lpips is not None and min(width, height) < M.LPIPS_MIN_SIDE:
             raise UserError(f"{path.name} becomes {width}x{height} at --size {args.size}, too small for LPIPS "
@@ -407,10 +478,10 @@ class Evaluation:
             inp = crop_input(gt, cut, args.axis)                  # what every method gets
             self.add_features(("gt_band", None, ratio), band_strip(gt, cut, args.axis))
             for method in args.method:
-                progress(f"[{time.time() - self.start:6.1f}s] video {index + 1}/{count} {path.name}: "
-                         f"crop {ratio:g}, {method}")
+                context = f"video {index + 1}/{count} {path.name}: crop {ratio:g}, {method}"
+                self.say(context)
                 t0 = time.time()
-                out = self.outpaint(method, inp, cut, width, height, fps)
+                out = self.outpaint(method, inp, cut, width, height, fps, context)
                 row = {"video": path.name, "method": method, "crop_ratio": ratio, "axis": args.axis,
                        "frames": gt.shape[0], "width": width, "height": height, "cut": cut}
                 row.update(score(gt, out, band, self.lpips))
@@ -443,6 +514,7 @@ class Evaluation:
     def record(self, videos, summary):
         args = self.args
         return {
+            "m3ddm_version": __version__,
             "protocol": protocol(args),
             "videos": [p.name for p in videos],
             "weights": {
@@ -452,6 +524,7 @@ class Evaluation:
                 "unet": args.unet if self.model else None,
                 "vae": args.vae if self.model else None,
             },
+            "model": self.model.provenance(args) if self.model else None,
             "methods": summary,
         }
 
@@ -465,16 +538,80 @@ def check_outputs_spare_inputs(out_dir, videos):
 
 
 def run(args):
+    from m3ddm import distributed
     check_args(args)
-    videos = find_videos(args.videos)
+    videos = data.list_videos(args.videos)
     check_outputs_spare_inputs(args.out, videos)
-    ev = Evaluation(args)
-    ev.out_dir.mkdir(parents=True, exist_ok=True)
-    for i, path in enumerate(videos):
-        ev.video(i, len(videos), path)
-    progress(f"[{time.time() - ev.start:6.1f}s] scored {len(videos)} video(s)")
-    print(file=sys.stderr)
+    world = distributed.setup_sharding(args.device)
+    try:
+        args.device = str(world.device)
+        return run_sharded(args, distributed.broadcast_from_main(world, videos), world)   # one list for all
+    finally:
+        distributed.cleanup()
 
+
+def video_cost(info, args):
+    """Expected cost of scoring one video: the frames it outpaints (16 per clip for the model)."""
+    frames = info.num_frames if args.frames == -1 else min(args.frames, info.num_frames)
+    if "model" in args.method:
+        from m3ddm.schedule import build_schedule
+        return 1 + pipeline.CLIP_LEN * len(build_schedule(frames, limit_frames=None).clips)
+    return 1 + frames
+
+
+def share(args, videos, world):
+    """(this rank's video indices, {index: VideoInfo}): under torchrun the videos are probed round robin,
+    shared, and split by expected cost; a video that cannot be read stops every rank with the same error."""
+    from m3ddm import distributed
+    if world.size == 1:
+        return list(range(len(videos))), {}
+
+    def look(path):
+        try:
+            return video.probe(path), None
+        except UserError as e:
+            return None, str(e)
+
+    looked = distributed.map_over_ranks(world, look, videos)
+    errors = [e for _, e in looked if e]
+    if errors:
+        raise UserError(errors[0])
+    mine = distributed.shard_by_cost([video_cost(info, args) for info, _ in looked], world.size)[world.rank]
+    return mine, {i: looked[i][0] for i in mine}
+
+
+def run_sharded(args, videos, world):
+    from m3ddm import distributed
+    ev = Evaluation(args, world)
+    ev.out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        mine, infos = share(args, videos, world)
+    except UserError:                          # the same on every rank: rank 0 alone reports it
+        if world.is_main:
+            raise
+        return 0
+    parts = distributed.gather_to_main(world, ev.score_share(mine, videos, infos))
+    error = None
+    if world.is_main:
+        try:
+            ev.merge(parts)
+        except UserError as e:
+            error = str(e)
+    error = distributed.broadcast_from_main(world, error)
+    if error is not None:
+        if world.is_main:
+            raise UserError(error)
+        return 0                               # rank 0 alone reports it (one error line, exit code 2)
+    if world.is_main:
+        ev.say(f"scored {len(videos)} video(s)")
+        if sys.stderr.isatty():
+            print(file=sys.stderr)
+        write_reports(args, ev, videos)
+    distributed.barrier(world)                 # the reports are written before any rank exits
+    return 0
+
+
+def write_reports(args, ev, videos):
     summary = summarize(ev.rows, ev.fvd(), args.crop_ratio, args.method)
     table = markdown_table(summary, args.crop_ratio)
     record = ev.record(videos, summary)
@@ -482,7 +619,6 @@ def run(args):
     write_text(ev.out_dir / "summary.json", json.dumps(_jsonable(record), indent=2) + "\n")
     write_text(ev.out_dir / "summary.md", summary_markdown(record, table))
     print(table, end="")
-    return 0
 
 
 def protocol(args):
@@ -519,11 +655,7 @@ def summary_markdown(record, table):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        return run(args)
-    except UserError as e:
-        print(f"\nerror: {e}", file=sys.stderr)
-        return 2
+    return cli.run(lambda: run(args), interrupted="no partial report was kept")
 
 
 if __name__ == "__main__":

@@ -4,13 +4,10 @@
     python train.py --data DIR --out DIR --vae vae.safetensors --config tiny|small|full|demo|FILE.json  # scratch
     torchrun --nproc_per_node 2 train.py ...      # DistributedDataParallel, NCCL on GPU, gloo on CPU
 
-One readable file: the data pipeline (video folder -> clip, masks, global frames), the epsilon-MSE loop,
-checkpoints, resume and logging all live here; the models, masks and weights format come from the package.
-
-Randomness: every training sample n of rank r draws everything (video order aside) from its own generator,
-seeded from (--seed, stream, n * world_size + r): stride, start, crop, masks, guide case, condition
-dropout, VAE posterior sample, timestep and noise. The run is therefore a pure function of the seed and the
-sample counter, whatever the number of DataLoader workers, and resuming from a checkpoint is exact.
+One file, top to bottom: config (the command line), data (the clip stream of m3ddm/data.py), model, objective
+(epsilon-MSE of the UNet, or the VAE's reconstruction + KL), the loop, checkpoints and resume, log. Randomness:
+each sample draws everything (video order aside; VAE posterior sample, timestep and noise included) from its own
+generator seeded from (--seed, sample number, rank), so a run is a pure function of the seed: resume is exact.
 
 Fixed reference bugs (spec training.md 1.3, 1.4, 1.8): clips are `start + k * stride` with room for every
 frame (never padded copies of the last frame); global frames can be masked so they never show the region to
@@ -18,287 +15,231 @@ generate (--mask-global-frames all, the default); both classifier-free-guidance 
 """
 import argparse
 import json
-import logging
 import math
 import os
-import shutil
 import subprocess
 import sys
-import time
 from contextlib import nullcontext
+from dataclasses import fields
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Sampler
 
+from m3ddm import distributed
 from m3ddm import masks as M
 from m3ddm import video
+from m3ddm.data import TRAIN_STREAM, VAL_STREAM, ClipDataset, ClipSpec, clip_loader, list_videos, split_videos
 from m3ddm.errors import UserError
-from m3ddm.schedule import global_frame_indices
 from m3ddm.schedulers import NUM_TRAIN_TIMESTEPS, add_noise, alphas_cumprod
+from m3ddm.training import EMA, STATE_FILE, RunLog, latest_checkpoint, load_state, save_checkpoint, weights_filename
 from m3ddm.unet3d import UNET_PRESETS, UNet3D, UNet3DConfig
 from m3ddm.vae import VAE_PRESETS, AutoencoderKL, VAEConfig
-from m3ddm.weights import load_unet, load_vae, make_config, read_header, save_model, sha256_file
-
-TRAIN_STREAM, VAL_STREAM = 0, 1
-STATE_FILE = "trainer_state.pt"
-
-# ---------------------------------------------------------------------------------------------------
-# Data: videos, clip sampling, crops
-
-
-def find_videos(folder) -> list:
-    folder = Path(folder)
-    return sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in video.VIDEO_EXTENSIONS and p.is_file())
-
-
-def split_videos(data):
-    """(train videos, val videos): DATA/train and DATA/val when DATA/train exists, else everything is train."""
-    data = Path(data)
-    if not data.is_dir():
-        raise UserError(f"--data {data} is not a folder; give a folder of videos (or with train/ and val/).")
-    if (data / "train").is_dir():
-        train, val = find_videos(data / "train"), find_videos(data / "val") if (data / "val").is_dir() else []
-    else:
-        train, val = find_videos(data), []
-    if not train:
-        raise UserError(f"no video files ({', '.join(video.VIDEO_EXTENSIONS)}) found under {data}; "
-                        "give a folder that holds videos.")
-    return train, val
-
-
-def clip_indices(num_video_frames: int, clip_frames: int, max_stride: int, generator):
-    """(indices, stride): `clip_frames` distinct real frames start + k*stride (the reference's intended rule).
-
-    stride ~ U{1 .. min(max_stride, (N-1) // (F-1))}, start ~ U{0 .. N-1 - (F-1)*stride}; needs N >= F.
-    """
-    n, f = num_video_frames, clip_frames
-    if n < f:
-        raise ValueError(f"a clip of {f} frames needs a video of at least {f} frames, received {n}")
-    top = max(1, min(max_stride, (n - 1) // max(f - 1, 1)))
-    stride = int(torch.randint(1, top + 1, (), generator=generator))
-    start = int(torch.randint(0, n - (f - 1) * stride, (), generator=generator))
-    return [start + k * stride for k in range(f)], stride
-
-
-def global_indices(num_video_frames: int, count: int) -> list:
-    """np.linspace(0, N-1, G, dtype=int) over the whole video, as the reference and the pipeline."""
-    return global_frame_indices(num_video_frames, count) if count else []
-
-
-def random_resized_crop_box(height, width, generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-    """(top, left, h, w) as RandomResizedCrop chooses it: area fraction ~ U(scale), log aspect ~ U(log ratio),
-    up to 10 tries, then a centre crop clamped to the ratio range."""
-    area = height * width
-    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    for _ in range(10):
-        target = area * (scale[0] + (scale[1] - scale[0]) * torch.rand((), generator=generator).item())
-        aspect = math.exp(log_lo + (log_hi - log_lo) * torch.rand((), generator=generator).item())
-        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(torch.randint(0, height - h + 1, (), generator=generator))
-            left = int(torch.randint(0, width - w + 1, (), generator=generator))
-            return top, left, h, w
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        w, h = width, round(width / ratio[0])
-    elif in_ratio > ratio[1]:
-        h, w = height, round(height * ratio[1])
-    else:
-        h, w = height, width
-    return (height - h) // 2, (width - w) // 2, h, w
-
-
-def center_square_box(height, width):
-    side = min(height, width)
-    return (height - side) // 2, (width - side) // 2, side, side
-
-
-def crop_resize(frames: np.ndarray, box, size: int) -> torch.Tensor:
-    """uint8 (K, H, W, 3) -> float (K, 3, size, size) in [-1, 1]: crop, then antialiased bilinear resize."""
-    top, left, h, w = box
-    x = torch.from_numpy(np.ascontiguousarray(frames[:, top:top + h, left:left + w])).permute(0, 3, 1, 2).float()
-    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return (x / 127.5 - 1.0).clamp(-1.0, 1.0)
+from m3ddm.weights import config_from, load_unet, load_vae, read_header, sha256_file
 
 
 # ---------------------------------------------------------------------------------------------------
-# Data: decoding (m3ddm.video; only the needed frames are kept)
+# Config: the command line
 
 
-def _scaled_frames(path, info, short_side, last=None):
-    """Frames 0..last (all if None) as uint8 (K, h, w, 3), downscaled by ffmpeg to a short side <= short_side."""
-    import imageio_ffmpeg
-    s = int(short_side)
-    scale = ["-vf", f"scale='if(gt(iw,ih),-2,min({s},iw))':'if(gt(iw,ih),min({s},ih),-2)'"]
-    quiet = logging.getLogger("imageio_ffmpeg")  # it warns that the scale filter changes the frame size
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
-        reader = imageio_ffmpeg.read_frames(str(path), output_params=["-fps_mode", "passthrough", *scale])
-        w, h = next(reader)["size"]
-    finally:
-        quiet.setLevel(level)
-    frames = []
-    try:
-        for raw in reader:
-            frames.append(np.frombuffer(raw, np.uint8).reshape(h, w, 3))
-            if last is not None and len(frames) > last:
-                break
-    finally:
-        reader.close()
-    if last is not None and len(frames) <= last:
-        raise RuntimeError(f"the video ended before frame {last} (probe counted {info.num_frames})")
-    return np.stack(frames)
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Train or fine-tune the M3DDM+ UNet (or a small VAE) on videos.")
+    a = p.add_argument
+    a("--data", required=True, help="folder of videos (recursive); its train/ and val/ subfolders are the splits")
+    a("--out", required=True, help="output folder: unet.safetensors, checkpoint-*/, metrics.jsonl")
+    a("--target", choices=("unet", "vae"), default="unet", help="what to train (default unet)")
+    a("--config", help="UNet architecture for training from scratch: tiny|small|full|demo or FILE.json")
+    a("--init", help="m3ddm unet file to start from (fine-tuning; its config is used)")
+    a("--vae", help="m3ddm vae file (a converted SD-1.5 VAE for real training); required for --target unet")
+    a("--vae-config", default="tiny", help="--target vae: architecture trained from scratch, tiny|sd15|FILE.json")
+    a("--resume", help="continue a run exactly from a checkpoint folder or from the --out folder of a run")
+    a("--max-steps", type=int, default=1000, help="optimizer steps in total (default 1000)")
+    a("--batch-size", type=int, default=1, help="clips per micro-batch per process (default 1)")
+    a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    a("--lr", type=float, default=1e-5, help="AdamW learning rate, > 0 (default 1e-5)")
+    a("--weight-decay", type=float, default=0.01)
+    a("--warmup-steps", type=int, default=0, help="linear warm-up, then constant (default 0)")
+    a("--grad-clip", type=float, default=1.0, help="max gradient norm, 0 = off (default 1.0)")
+    a("--size", type=int, default=128, help="square training resolution in pixels, a multiple of 64 (default 128)")
+    a("--frames", type=int, default=16, help="frames per clip, at least 2 (default 16)")
+    a("--global-frames", type=int, default=16, help="global frames per video, 0 = none (default 16)")
+    a("--max-stride", type=int, default=30, help="largest frame stride of a clip, at least 1 (default 30)")
+    a("--crop", choices=("random", "center"), default="random", help="a random resized crop of the clip (default)")
+    a("--crop-scale", type=float, nargs=2, default=(0.08, 1.0), metavar=("MIN", "MAX"))
+    a("--mask-strategy", choices=M.MASK_STRATEGIES, default="m3ddm_plus")
+    a("--mask-global-frames", choices=M.GLOBAL_MASK_MODES, default="all",
+      help="which global frames are masked like the clip (default all; the reference: overlap)")
+    a("--p-uncond-local", type=float, help="P(unconditional local condition) in [0, 1]: 0 with --init, else 0.1")
+    a("--p-uncond-global", type=float, help="P(zero global latents) in [0, 1]: 0 with --init, else 0.1")
+    a("--recon-loss", choices=("l1", "mse"), default="l1", help="--target vae reconstruction loss")
+    a("--kl-weight", type=float, default=1e-6, help="--target vae KL weight (default 1e-6)")
+    a("--device", default="auto", help="auto (cuda if available, with torchrun cuda:LOCAL_RANK), cpu, cuda, cuda:N")
+    a("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+      help="autocast precision: auto = bf16 on CUDA, fp32 on CPU; fp16 uses a gradient scaler")
+    a("--gradient-checkpointing", action="store_true")
+    a("--attention", choices=("sdpa", "math"), default="sdpa")
+    a("--tf32", action="store_true", help="TF32 for fp32 matmuls and convolutions on CUDA (default: exact fp32)")
+    a("--compile", action="store_true", help="torch.compile the model")
+    a("--ema", type=float, default=0.0, help="EMA decay in [0, 1), e.g. 0.9999; 0 = off (default)")
+    a("--vae-batch", type=int, default=16, help="images per VAE encode call")
+    a("--num-workers", type=int, default=2, help="DataLoader worker processes (default 2)")
+    a("--cache-videos", action="store_true", help="keep each decoded video in memory (per worker): small datasets")
+    a("--decode-short-side", type=int, default=0,
+      help="let ffmpeg downscale frames to this short side while decoding (0 = native; e.g. 2 x --size)")
+    a("--seed", type=int, default=6)
+    a("--log-every", type=int, default=10, help="progress line every N steps (non-TTY stderr)")
+    a("--log-data", action="store_true", help="record each rank's clips (video, start, stride) in metrics.jsonl")
+    a("--save-every", type=int, default=500, help="checkpoint every N steps, 0 = only at the end")
+    a("--keep-checkpoints", type=int, default=3, help="checkpoint folders kept, 0 = all")
+    a("--val-every", type=int, default=0, help="validation loss every N steps on the val split, 0 = off")
+    a("--val-clips", type=int, default=8, help="validation clips (fixed seeds, same every time)")
+    a("--val-data", help="validation videos when --data has no val/ subfolder")
+    a("--sample-every", type=int, default=0, help="outpaint a fixed clip every N steps into OUT/samples/ (0 = off)")
+    a("--sample-steps", type=int, default=25, help="PNDM steps of those samples, at least 2 (default 25)")
+    a("--eval-videos", nargs="+", metavar="VIDEO",
+      help="video files or folders: run evaluate.py (--method model, crop ratio 0.25) on them after each "
+           "checkpoint (its EMA weights with --ema) into OUT/eval/step-N/ and log its PSNR/SSIM to "
+           "metrics.jsonl; --target unet only")
+    a("--eval-steps", type=int, default=25, help="PNDM steps of that evaluation, at least 2 (default 25)")
+    a("--eval-frames", type=int, default=16, help="first N frames of each evaluation video (default 16)")
+    return p.parse_args(argv)
 
 
-class VideoSource:
-    """Frames of the videos of one split, through m3ddm.video (true frame count and exact fps from `probe`).
+# the least value of each whole-number option (--size: a positive multiple of 64)
+AT_LEAST = {"max_steps": 1, "batch_size": 1, "grad_accum": 1, "frames": 2, "global_frames": 0, "max_stride": 1,
+            "vae_batch": 1, "num_workers": 0, "decode_short_side": 0, "warmup_steps": 0, "log_every": 1,
+            "save_every": 0, "keep_checkpoints": 0, "val_every": 0, "val_clips": 1, "sample_every": 0,
+            "sample_steps": 2, "eval_steps": 2, "eval_frames": 2}
+# the rule of each real-valued option, which must also be finite
+RULES = {"lr": ("> 0", lambda v: v > 0), "weight_decay": (">= 0", lambda v: v >= 0),
+         "ema": ("in [0, 1)", lambda v: 0 <= v < 1), "grad_clip": (">= 0", lambda v: v >= 0),
+         "kl_weight": (">= 0", lambda v: v >= 0), "p_uncond_local": ("in [0, 1]", lambda v: 0 <= v <= 1),
+         "p_uncond_global": ("in [0, 1]", lambda v: 0 <= v <= 1)}
 
-    Without a cache, each sample decodes its video sequentially up to its last needed frame and keeps only the
-    needed ones; since the last global frame is the video's last frame that is in practice the whole video, so
-    `--decode-short-side` (ffmpeg downscales while decoding) matters for large videos. Probes are remembered per
-    process. With cache=True each video is decoded once (downscaled if asked) and kept in memory, per DataLoader
-    worker: for small datasets only."""
 
-    def __init__(self, short_side=0, cache=False):
-        self.short_side, self.cache = short_side, cache
-        self.info, self.frames = {}, {}
+def check_args(args):
+    """Every input, before anything is loaded or written: one UserError naming the option."""
+    for name, low in AT_LEAST.items():
+        if getattr(args, name) < low:
+            raise UserError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}.")
+    if args.size < 64 or args.size % 64:
+        raise UserError(f"--size {args.size} is not a positive multiple of 64; give e.g. 64, 128 or 256.")
+    for name, (rule, ok) in RULES.items():
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and ok(value)):
+            raise UserError(f"--{name.replace('_', '-')} {value} is invalid; give a number {rule}.")
+    if args.crop_scale[0] <= 0 or args.crop_scale[0] > args.crop_scale[1] or args.crop_scale[1] > 1:
+        raise UserError(f"--crop-scale {args.crop_scale} is not 0 < MIN <= MAX <= 1; give e.g. 0.08 1.0.")
+    if args.eval_videos:
+        if args.target != "unet":
+            raise UserError("--eval-videos evaluates an outpainting UNet; it needs --target unet.")
+        list_videos(args.eval_videos, "--eval-videos")  # files, or folders of videos (not searched recursively)
+    if args.target == "unet" and not args.vae:
+        raise UserError("--target unet needs --vae FILE (an m3ddm vae file, e.g. `python weights_convert.py vae "
+                        "SD15_VAE vae.safetensors`).")
+    if args.init and args.config:
+        raise UserError("give either --init FILE (fine-tune) or --config (train from scratch), not both.")
+    for flag, path in (("--vae", args.vae), ("--init", args.init)):
+        if path and not Path(path).is_file():
+            raise UserError(f"{flag} {path} does not exist; give an m3ddm .safetensors file.")
+    if args.target == "unet" and not (args.init or args.config or args.resume):
+        raise UserError("give --init FILE (fine-tune converted weights) or --config tiny|small|full|demo|FILE.json "
+                        "(train from scratch).")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UserError(f"--out {args.out} is a file; give a folder (created when the first step is logged).")
+    if args.val_data and not Path(args.val_data).is_dir():
+        raise UserError(f"--val-data {args.val_data} is not a folder; give a folder of validation videos.")
+    if args.target == "vae":
+        args.global_frames = 0  # a VAE trains on frames only
 
-    def length(self, path):
-        """(number of frames, fps)."""
-        if path not in self.info:
-            self.info[path] = video.probe(path)
-        if self.cache and path not in self.frames:
-            info = self.info[path]
-            self.frames[path] = (_scaled_frames(path, info, self.short_side) if self.short_side
-                                 else np.stack(list(video.iter_frames(path, info))))
-        info = self.info[path]
-        return (len(self.frames[path]) if self.cache else info.num_frames), info.fps
 
-    def read(self, path, indices):
-        """uint8 (len(indices), H, W, 3)."""
-        if self.cache:
-            return self.frames[path][indices]
-        if self.short_side:
-            return _scaled_frames(path, self.info[path], self.short_side, max(indices))[indices]
-        return video.read_frames_at(path, indices, self.info[path])
+# args that change the data stream or the model: a resumed run must use the same ones
+RESUME_FIXED = ("target", "batch_size", "grad_accum", "size", "frames", "global_frames", "max_stride", "crop",
+                "crop_scale", "mask_strategy", "mask_global_frames", "p_uncond_local", "p_uncond_global", "seed",
+                "ema")
+
+
+def setup_distributed(args):
+    world = distributed.setup(args.device)  # cuda:LOCAL_RANK per rank, process group with a long timeout
+    return world.rank, world.size, world.device
+
+
+def autocast_for(args, device):
+    """(precision, autocast context): --precision auto is bf16 on CUDA and fp32 (no autocast) on CPU."""
+    precision = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+                 "auto": torch.bfloat16 if device.type == "cuda" else torch.float32}[args.precision]
+    return precision, torch.autocast(device.type, dtype=precision) if precision != torch.float32 else nullcontext()
 
 
 # ---------------------------------------------------------------------------------------------------
-# Data: one training sample
+# Data (m3ddm/data.py: the video folder, clip sampling, crops, decoding, masks, the sample stream)
 
 
-def sample_seed(seed: int, stream: int, n: int) -> int:
-    return (int(seed) * 1_000_003 + stream * 7_919_000_003 + int(n) * 2_654_435_761) % (2 ** 63 - 1)
+def clip_spec(args) -> ClipSpec:
+    """The data options of the command line (same names) as the dataset's ClipSpec."""
+    return ClipSpec(**{f.name: getattr(args, f.name) for f in fields(ClipSpec)})
 
 
-class ClipDataset(Dataset):
-    """Item n -> one clip of sample number n (an index into an endless stream, see ClipSampler).
+def make_loaders(args, train_videos, val_videos, rank, world, step, device):
+    """(training batches from sample step * clips-per-step on, validation batches or None, sample clip or None);
+    the validation clips and the sample clip are fixed (the validation stream's first samples), on rank 0 only."""
+    spec, per_step = clip_spec(args), args.batch_size * args.grad_accum
+    remaining = max(args.max_steps - step, 0)
+    loader = clip_loader(ClipDataset(train_videos, spec, TRAIN_STREAM, rank, world), args.batch_size,
+                         step * per_step, remaining * per_step, args.num_workers, pin_memory=device.type == "cuda")
+    val_loader = sample_item = None
+    if args.val_every and val_videos and rank == 0:
+        val_loader = clip_loader(ClipDataset(val_videos, spec, VAL_STREAM, 0, 1), args.batch_size, 0, args.val_clips)
+    if args.sample_every and args.target == "unet" and rank == 0:  # a fixed clip: the first one of the val stream
+        sample_item = ClipDataset(val_videos or train_videos, spec, VAL_STREAM, 0, 1)[0]
+        if "error" in sample_item:
+            raise UserError(f"sample clip: {sample_item['error']}.")
+    return loader, val_loader, sample_item
 
-    A video that cannot be decoded or is shorter than the clip is skipped (the next video of the epoch's order
-    is used) and reported in the item's "skipped" list; if no video is usable the item carries "error"."""
 
-    def __init__(self, videos, opts, stream=TRAIN_STREAM, rank=0, world_size=1):
-        self.videos, self.o, self.stream = list(videos), opts, stream
-        self.rank, self.world_size = rank, world_size
-        self.source = VideoSource(opts.decode_short_side, opts.cache_videos)
-        self.bad = {}
+# ---------------------------------------------------------------------------------------------------
+# Model
 
-    def __len__(self):
-        return 2 ** 62  # an endless stream; ClipSampler decides which sample numbers are drawn
 
-    def _order(self, epoch):
-        g = torch.Generator().manual_seed(sample_seed(self.o.seed, self.stream + 100, epoch))
-        return torch.randperm(len(self.videos), generator=g).tolist()
-
-    def __getitem__(self, n):
-        n_global = n * self.world_size + self.rank
-        v = len(self.videos)
-        order = self._order(n_global // v) if self.stream == TRAIN_STREAM else list(range(v))
-        skipped = []
-        for attempt in range(v):
-            path = self.videos[order[(n_global + attempt) % v]]
-            if path in self.bad:
-                continue
-            try:
-                item = self._make(path, n_global)
-                item["skipped"] = skipped
-                return item
-            except (ValueError, OSError, RuntimeError) as e:  # unreadable or short: skip, never stop the run
-                self.bad[path] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
-                skipped.append((path, self.bad[path]))
-        return {"error": f"none of the {v} videos could be used ({len(self.bad)} unreadable or shorter than "
-                         f"{self.o.frames} frames); add readable videos of at least {self.o.frames} frames",
-                "skipped": skipped}
-
-    def _make(self, path, n_global):
-        o = self.o
-        g = torch.Generator().manual_seed(sample_seed(o.seed, self.stream, n_global))
-        num, fps = self.source.length(path)
-        if num < o.frames:
-            raise ValueError(f"only {num} frames, a clip needs {o.frames}")
-        clip_idx, stride = clip_indices(num, o.frames, o.max_stride, g)
-        glob_idx = global_indices(num, o.global_frames)
-        wanted = sorted(set(clip_idx) | set(glob_idx))
-        frames = self.source.read(path, wanted)  # uint8 (K, H, W, 3)
-        where = {src: k for k, src in enumerate(wanted)}
-        height, width = frames.shape[1:3]
-        if o.crop == "random":
-            box = random_resized_crop_box(height, width, g, tuple(o.crop_scale))
+def build_model(args, device, resume_dir):
+    """(trainable model, its config, sources metadata)."""
+    if args.target == "unet":
+        if resume_dir is not None:
+            path = resume_dir / "unet.safetensors"
+            model, sources = load_unet(path, device, torch.float32), [{"name": str(path), "sha256": sha256_file(path)}]
+        elif args.init:
+            kind, _, _ = read_header(args.init)
+            if kind != "unet":
+                raise UserError(f"--init {args.init} holds a {kind}, not a unet; give an m3ddm unet file.")
+            model = load_unet(args.init, device, torch.float32)
+            sources = [{"name": os.path.basename(args.init), "sha256": sha256_file(args.init)}]
         else:
-            box = center_square_box(height, width)
-        clip = crop_resize(frames[[where[i] for i in clip_idx]], box, o.size)  # (F, 3, S, S)
-        masks = M.sample_clip_masks(o.frames, o.size, o.size, g, o.mask_strategy)
-        m = masks.masks[:, None]  # (F, 1, S, S)
-        cond = clip * (1 - m) - m  # masked pixels are black (-1); guide frames stay raw
-        item = {"clip": clip, "cond": cond, "mask": masks.masks, "guides": masks.guides,
-                "fps": int(fps // stride), "seed": int(torch.randint(0, 2 ** 62, (), generator=g)),
-                "drop_local": bool(torch.rand((), generator=g) < o.p_uncond_local),
-                "drop_global": bool(torch.rand((), generator=g) < o.p_uncond_global),
-                "video": os.path.basename(path), "start": clip_idx[0], "stride": stride}
-        if glob_idx:
-            gm = M.global_frame_masks(o.mask_global_frames, masks, clip_idx, glob_idx)[:, None]  # (G, 1, S, S)
-            glob = crop_resize(frames[[where[i] for i in glob_idx]], box, o.size)  # same crop: masks align
-            item["global"] = glob * (1 - gm) - gm
-        else:
-            item["global"] = torch.zeros(0, 3, o.size, o.size)
-        return item
+            with torch.random.fork_rng(devices=[]):  # a reproducible init without touching the caller's RNG
+                torch.manual_seed(args.seed)
+                model, sources = UNet3D(config_from(args.config, UNET_PRESETS, UNet3DConfig, "--config")).to(device), []
+        model.gradient_checkpointing = args.gradient_checkpointing
+        model.set_attention(args.attention)
+    elif resume_dir is not None:
+        model, sources = load_vae(resume_dir / "vae.safetensors", device, torch.float32), []
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(args.seed)
+            model = AutoencoderKL(config_from(args.vae_config, VAE_PRESETS, VAEConfig, "--vae-config")).to(device)
+        sources = []
+    return model.train(), model.config, sources
 
 
-def collate(items):
-    errors = [it["error"] for it in items if "error" in it]
-    skipped = [s for it in items for s in it["skipped"]]
-    if errors:
-        return {"error": errors[0], "skipped": skipped}
-    out = {k: torch.stack([it[k] for it in items]) for k in ("clip", "cond", "mask", "guides", "global")}
-    for k in ("fps", "seed", "start", "stride"):
-        out[k] = torch.tensor([it[k] for it in items], dtype=torch.long)
-    for k in ("drop_local", "drop_global"):
-        out[k] = torch.tensor([it[k] for it in items], dtype=torch.bool)
-    out["video"] = [it["video"] for it in items]
-    out["skipped"] = skipped
-    return out
-
-
-class ClipSampler(Sampler):
-    """Sample numbers start, start+1, ..., start+count-1 (per rank): resuming restarts at the right sample."""
-
-    def __init__(self, start, count):
-        self.start, self.count = start, count
-
-    def __iter__(self):
-        return iter(range(self.start, self.start + self.count))
-
-    def __len__(self):
-        return self.count
+def wrap_model(core, args, world, device):
+    """What the backward pass runs: core in DistributedDataParallel under torchrun, then torch.compile'd."""
+    if world > 1:
+        core = torch.nn.parallel.DistributedDataParallel(core, device_ids=[device.index] if device.type == "cuda"
+                                                         else None)
+    return torch.compile(core) if args.compile else core
 
 
 # ---------------------------------------------------------------------------------------------------
-# Losses
+# Objective
 
 
 def black_latent(vae, size, device, dtype):
@@ -387,305 +328,99 @@ class VAEObjective:
         return rec + self.o.kl_weight * kl
 
 
-# ---------------------------------------------------------------------------------------------------
-# Model set-up, EMA, checkpoints
-
-
-def config_from(arg, presets, cls, flag):
-    """A preset name or a JSON file -> a model config (UNet3DConfig or VAEConfig)."""
-    if arg in presets:
-        return presets[arg]
-    path = Path(arg)
-    if path.suffix != ".json" or not path.is_file():
-        raise UserError(f"{flag} {arg} is neither a preset ({', '.join(sorted(presets))}) nor a JSON "
-                        "file; give a preset name or an existing .json config.")
-    try:
-        return make_config(cls, json.loads(path.read_text()))
-    except (ValueError, TypeError) as e:
-        raise UserError(f"{flag} {arg} is not a valid config ({e}); fix the JSON file.") from None
-
-
-class EMA:
-    """Exponential moving average of all parameters and floating buffers, kept in fp32."""
-
-    def __init__(self, model, decay):
-        self.decay = decay
-        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
-
-    @torch.no_grad()
-    def update(self, model):
-        for k, v in model.state_dict().items():
-            if v.is_floating_point():
-                self.shadow[k].lerp_(v.float(), 1.0 - self.decay)
-            else:
-                self.shadow[k].copy_(v)
-
-
-def latest_checkpoint(folder):
-    folder = Path(folder)
-    if (folder / STATE_FILE).is_file():
-        return folder
-    found = sorted(p for p in folder.glob("checkpoint-*") if (p / STATE_FILE).is_file())
-    if not found:
-        raise UserError(f"--resume {folder} holds no checkpoint ({STATE_FILE} or checkpoint-*/); "
-                        "give a checkpoint folder or the --out folder of an earlier run.")
-    return found[-1]
-
-
-def model_filename(target):
-    return "unet.safetensors" if target == "unet" else "vae.safetensors"
-
-
-def save_checkpoint(out, step, model, config, state, ema, args, sources):
-    """OUT/checkpoint-STEP/{model, ema model, trainer_state.pt} via a temporary folder renamed at the end; then
-    OUT/unet.safetensors (or vae.safetensors), itself written atomically. Older checkpoints beyond --keep."""
-    out = Path(out)
-    final = out / f"checkpoint-{step:07d}"
-    tmp = out / f".checkpoint-{step:07d}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    name = model_filename(args.target)
-    meta = {"sources": sources, "step": str(step), "trained_by": "m3ddm train.py"}
-    save_model(tmp / name, model.state_dict(), args.target, config, metadata=meta)
-    if ema is not None:
-        save_model(tmp / name.replace(".safetensors", "_ema.safetensors"), ema.shadow, args.target, config,
-                   metadata={**meta, "ema_decay": str(ema.decay)})
-    torch.save(state, tmp / STATE_FILE)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for f in final.glob("*.safetensors"):
-        shutil.copyfile(f, out / f".{f.name}.tmp")
-        os.replace(out / f".{f.name}.tmp", out / f.name)
-    if args.keep_checkpoints > 0:
-        for old in sorted(out.glob("checkpoint-*"))[:-args.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-# ---------------------------------------------------------------------------------------------------
-# Logging
-
-
-class Logger:
-    """Progress line on stderr (rank 0), metrics.jsonl in --out."""
-
-    def __init__(self, out, enabled, max_steps, resume_step):
-        self.enabled, self.max_steps = enabled, max_steps
-        self.path = Path(out) / "metrics.jsonl"
-        self.tty = sys.stderr.isatty()
-        self.t0, self.step0 = time.time(), resume_step
-        if enabled and self.path.exists():  # drop records after the resumed step (a crashed run's tail)
-            keep = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in keep))
-
-    def record(self, **rec):
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-
-    def progress(self, step, loss, lr, clips_per_s, final=False):
-        if not self.enabled:
-            return
-        rate = (step - self.step0) / max(time.time() - self.t0, 1e-9)
-        eta = (self.max_steps - step) / rate if rate > 0 else 0.0
-        line = (f"step {step}/{self.max_steps} loss {loss:.4f} lr {lr:.2e} clips/s {clips_per_s:.2f} "
-                f"ETA {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}")
-        end = "\n" if (final or not self.tty) else ""
-        print(("\r" if self.tty else "") + line, end=end, file=sys.stderr, flush=True)
-
-    def message(self, text):
-        if self.enabled:
-            print(("\n" if self.tty else "") + text, file=sys.stderr, flush=True)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Command line
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Train or fine-tune the M3DDM+ UNet (or a small VAE) on videos.")
-    a = p.add_argument
-    a("--data", required=True, help="folder of videos, searched recursively; with train/ (and val/) subfolders "
-                                    "those are the splits")
-    a("--out", required=True, help="output folder: unet.safetensors, checkpoint-*/, metrics.jsonl")
-    a("--target", choices=("unet", "vae"), default="unet", help="what to train (default unet)")
-    a("--config", help="UNet architecture for training from scratch: tiny|small|full|demo or FILE.json")
-    a("--init", help="m3ddm unet file to start from (fine-tuning; its config is used)")
-    a("--vae", help="m3ddm vae file (a converted SD-1.5 VAE for real training); required for --target unet")
-    a("--vae-config", default="tiny", help="--target vae: architecture trained from scratch, tiny|sd15|FILE.json")
-    a("--resume", help="continue a run exactly from a checkpoint folder or from the --out folder of a run")
-    a("--max-steps", type=int, default=1000, help="optimizer steps in total (default 1000)")
-    a("--batch-size", type=int, default=1, help="clips per micro-batch per process (default 1)")
-    a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
-    a("--lr", type=float, default=1e-5, help="AdamW learning rate (default 1e-5)")
-    a("--weight-decay", type=float, default=0.01)
-    a("--warmup-steps", type=int, default=0, help="linear warm-up, then constant (default 0)")
-    a("--grad-clip", type=float, default=1.0, help="max gradient norm, 0 = off (default 1.0)")
-    a("--size", type=int, default=128, help="square training resolution in pixels (default 128)")
-    a("--frames", type=int, default=16, help="frames per clip (default 16)")
-    a("--global-frames", type=int, default=16, help="global frames per video, 0 = none (default 16)")
-    a("--max-stride", type=int, default=30, help="largest frame stride of a clip (default 30)")
-    a("--crop", choices=("random", "center"), default="random",
-      help="random resized crop shared by the clip's frames (default), or the centre square")
-    a("--crop-scale", type=float, nargs=2, default=(0.08, 1.0), metavar=("MIN", "MAX"))
-    a("--mask-strategy", choices=M.MASK_STRATEGIES, default="m3ddm_plus")
-    a("--mask-global-frames", choices=M.GLOBAL_MASK_MODES, default="all",
-      help="which global frames are masked like the clip (reference: overlap; default all)")
-    a("--p-uncond-local", type=float, default=None,
-      help="probability of the unconditional local condition (default 0 with --init, 0.1 from scratch)")
-    a("--p-uncond-global", type=float, default=None,
-      help="probability of zero global latents (default 0 with --init, 0.1 from scratch)")
-    a("--recon-loss", choices=("l1", "mse"), default="l1", help="--target vae reconstruction loss")
-    a("--kl-weight", type=float, default=1e-6, help="--target vae KL weight (default 1e-6)")
-    a("--device", default="auto", help="auto (cuda if available, with torchrun cuda:LOCAL_RANK), cpu, cuda, cuda:N")
-    a("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-      help="autocast precision: auto = bf16 on CUDA, fp32 on CPU; fp16 uses a gradient scaler")
-    a("--gradient-checkpointing", action="store_true")
-    a("--attention", choices=("sdpa", "math"), default="sdpa")
-    a("--compile", action="store_true", help="torch.compile the model")
-    a("--ema", type=float, default=0.0, help="EMA decay, e.g. 0.9999; 0 = off (default)")
-    a("--vae-batch", type=int, default=16, help="images per VAE encode call")
-    a("--num-workers", type=int, default=2, help="DataLoader worker processes (default 2)")
-    a("--cache-videos", action="store_true",
-      help="decode each video once and keep its frames in memory (per worker): small datasets only")
-    a("--decode-short-side", type=int, default=0,
-      help="let ffmpeg downscale frames to this short side while decoding (0 = native; e.g. 2 x --size)")
-    a("--seed", type=int, default=6)
-    a("--log-every", type=int, default=10, help="progress line every N steps (non-TTY stderr)")
-    a("--log-data", action="store_true", help="record each rank's clips (video, start, stride) in metrics.jsonl")
-    a("--save-every", type=int, default=500, help="checkpoint every N steps, 0 = only at the end")
-    a("--keep-checkpoints", type=int, default=3, help="checkpoint folders kept, 0 = all")
-    a("--val-every", type=int, default=0, help="validation loss every N steps on the val split, 0 = off")
-    a("--val-clips", type=int, default=8, help="validation clips (fixed seeds, same every time)")
-    a("--val-data", help="validation videos when --data has no val/ subfolder")
-    a("--sample-every", type=int, default=0,
-      help="outpaint one fixed clip every N steps into OUT/samples/ (0 = off); --target unet only")
-    a("--sample-steps", type=int, default=25, help="PNDM steps of those samples (default 25)")
-    a("--eval-videos", nargs="+", metavar="VIDEO",
-      help="video files or folders: run evaluate.py (--method model, crop ratio 0.25) on them after each "
-           "checkpoint (its EMA weights with --ema) into OUT/eval/step-N/ and log its PSNR/SSIM to "
-           "metrics.jsonl; --target unet only")
-    a("--eval-steps", type=int, default=25, help="sampler steps of that evaluation (default 25)")
-    a("--eval-frames", type=int, default=16, help="first N frames of each evaluation video (default 16)")
-    args = p.parse_args(argv)
-    return args
-
-
-def check_args(args):
-    for name in ("max_steps", "batch_size", "grad_accum", "frames", "vae_batch"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}; "
-                            "give a positive number.")
-    if args.size % 64:
-        raise UserError(f"--size {args.size} is not a multiple of 64; give e.g. 64, 128 or 256.")
-    if args.frames < 2:
-        raise UserError(f"--frames must be at least 2, got {args.frames}.")
-    if args.global_frames < 0 or args.num_workers < 0:
-        raise UserError("--global-frames and --num-workers must not be negative; give 0 or more.")
-    if args.eval_videos:
-        if args.target != "unet":
-            raise UserError("--eval-videos evaluates an outpainting UNet; it needs --target unet.")
-        for v in map(Path, args.eval_videos):
-            if not v.exists() or v.is_dir() and not any(q.suffix.lower() in video.VIDEO_EXTENSIONS for q in v.iterdir()):
-                raise UserError(f"--eval-videos {v} {'holds no videos' if v.exists() else 'does not exist'}; "
-                                "give video files or folders of videos (not searched recursively).")
-        if args.eval_steps < 1 or args.eval_frames < 2:
-            raise UserError("--eval-steps must be at least 1 and --eval-frames at least 2.")
-    if args.target == "unet" and not args.vae:
-        raise UserError("--target unet needs --vae FILE (an m3ddm vae file, e.g. `python weights_convert.py vae "
-                        "SD15_VAE vae.safetensors`).")
-    if args.init and args.config:
-        raise UserError("give either --init FILE (fine-tune) or --config (train from scratch), not both.")
-    if args.target == "unet" and not (args.init or args.config or args.resume):
-        raise UserError("give --init FILE (fine-tune converted weights) or --config tiny|small|full|demo|FILE.json "
-                        "(train from scratch).")
-    for name in ("p_uncond_local", "p_uncond_global"):
-        if getattr(args, name) is not None and not 0.0 <= getattr(args, name) <= 1.0:
-            raise UserError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}.")
+def build_objective(args, model, device, precision, sources):
+    """(objective, the module its loss calls, the frozen VAE (in the autocast dtype on CUDA) or None, sources)."""
     if args.target == "vae":
-        args.global_frames = 0  # a VAE trains on frames only
-    if args.crop_scale[0] <= 0 or args.crop_scale[0] > args.crop_scale[1] or args.crop_scale[1] > 1:
-        raise UserError(f"--crop-scale {args.crop_scale} is not 0 < MIN <= MAX <= 1; give e.g. 0.08 1.0.")
-
-
-# args that change the data stream or the model: a resumed run must use the same ones
-RESUME_FIXED = ("target", "batch_size", "grad_accum", "size", "frames", "global_frames", "max_stride", "crop",
-                "crop_scale", "mask_strategy", "mask_global_frames", "p_uncond_local", "p_uncond_global", "seed",
-                "ema")
-
-
-# ---------------------------------------------------------------------------------------------------
-# Training
-
-
-def setup_distributed(args):
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if args.device == "auto":
-        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() and world > 1 else
-                              "cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device} asks for CUDA, which is not available here; use --device cpu.")
-    if world > 1:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
-
-def build_model(args, device, resume_dir):
-    """(trainable model, its config, sources metadata)."""
-    if args.target == "unet":
-        if resume_dir is not None:
-            path = resume_dir / "unet.safetensors"
-            model, sources = load_unet(path, device, torch.float32), [{"name": str(path), "sha256": sha256_file(path)}]
-        elif args.init:
-            kind, _, _ = read_header(args.init)
-            if kind != "unet":
-                raise UserError(f"--init {args.init} holds a {kind}, not a unet; give an m3ddm unet file.")
-            model = load_unet(args.init, device, torch.float32)
-            sources = [{"name": os.path.basename(args.init), "sha256": sha256_file(args.init)}]
-        else:
-            with torch.random.fork_rng(devices=[]):  # a reproducible init without touching the caller's RNG
-                torch.manual_seed(args.seed)
-                model, sources = UNet3D(config_from(args.config, UNET_PRESETS, UNet3DConfig, "--config")).to(device), []
-        model.gradient_checkpointing = args.gradient_checkpointing
-        model.set_attention(args.attention)
-    else:
-        if resume_dir is not None:
-            model = load_vae(resume_dir / "vae.safetensors", device, torch.float32)
-        else:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(args.seed)
-                model = AutoencoderKL(config_from(args.vae_config, VAE_PRESETS, VAEConfig, "--vae-config")).to(device)
-        sources = []
-    return model.train(), model.config, sources
-
-
-def frozen_vae(args, device, precision):
-    vae = load_vae(args.vae, device, precision if device.type == "cuda" and precision != torch.float32 else
-                   torch.float32)
+        return VAEObjective(model, args, device), VAEWithLoss(model), None, sources
+    vae = load_vae(args.vae, device, precision if device.type == "cuda" else torch.float32).eval().requires_grad_(False)
     if vae.factor != 8:
         raise UserError(f"--vae {args.vae} downsamples by {vae.factor}, the UNet needs a factor-8 VAE; "
                         "give an SD-1.5-shaped VAE.")
-    return vae.eval().requires_grad_(False)
+    sources = sources + [{"name": os.path.basename(args.vae), "sha256": sha256_file(args.vae)}]
+    return UNetObjective(vae, args, device), model, vae, sources
 
 
+# ---------------------------------------------------------------------------------------------------
+# The loop
+
+
+class Optimisation:
+    """AdamW with a linear warm-up, the fp16 gradient scaler and the EMA: one optimizer step, and their state."""
+
+    def __init__(self, model, args, device, precision, state=None):
+        self.model, self.grad_clip = model, args.grad_clip
+        self.ema = EMA(model, args.ema) if args.ema > 0 else None
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        warmup = args.warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
+        self.step = int(state["step"]) if state is not None else 0
+        if state is not None:
+            for name in ("optimizer", "scheduler", "scaler"):
+                getattr(self, name).load_state_dict(state[name])
+            if self.ema is not None:
+                self.ema.shadow = {k: v.to(device) for k, v in state["ema"].items()}
+
+    def update(self):
+        """Unscale and clip the gradients, step, advance the lr schedule and the EMA: (lr used, gradient norm)."""
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                   self.grad_clip if self.grad_clip > 0 else float("inf"))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.step += 1
+        return lr, float(grad_norm)
+
+    def state_dict(self):
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "ema": self.ema.shadow if self.ema is not None else {},
+                "step": self.step}
+
+
+def train_step(train_model, objective, batches, opt, args, world, autocast, log, skipped):
+    """One optimizer step of --grad-accum micro-batches: (rank-mean loss, grad norm, lr, each rank's clips drawn)."""
+    losses, drawn = [], []
+    for micro in range(args.grad_accum):
+        batch = next(batches)
+        for path, reason in batch["skipped"]:
+            if path not in skipped:
+                skipped.add(path)
+                log.message(f"warning: skipped {path} ({reason}); {len(skipped)} video(s) skipped so far")
+        if "error" in batch:
+            raise UserError(f"training data: {batch['error']}.")
+        sync = micro == args.grad_accum - 1 or world == 1
+        with (nullcontext() if sync or not hasattr(train_model, "no_sync") else train_model.no_sync()):
+            loss = objective.loss(train_model, batch, autocast)
+            opt.scaler.scale(loss / args.grad_accum).backward()
+        losses.append(loss.detach())
+        drawn += [[v, int(s), int(st)] for v, s, st in zip(batch["video"], batch["start"], batch["stride"])]
+    lr, grad_norm = opt.update()
+    loss = torch.stack(losses).mean()
+    if world > 1:
+        dist.all_reduce(loss)
+        loss /= world
+    clips = [drawn] * world  # --log-data: every rank's clips in rank order (a collective: every rank calls it)
+    if args.log_data and world > 1:
+        dist.all_gather_object(clips, drawn)
+    return loss.item(), grad_norm, lr, clips
+
+
+@torch.no_grad()
 def run_validation(model, objective, val_loader, autocast):
-    if val_loader is None:
-        return None
+    """The mean loss of the fixed validation clips, in eval mode (their draws never touch the training stream)."""
     was_training = model.training
     model.eval()
     losses = []
-    with torch.no_grad():
-        for batch in val_loader:
-            if "error" in batch:
-                raise UserError(f"validation data: {batch['error']}.")
-            losses.append(objective.loss(model, batch, autocast).item())
+    for batch in val_loader:
+        if "error" in batch:
+            raise UserError(f"validation data: {batch['error']}.")
+        losses.append(objective.loss(model, batch, autocast).item())
     model.train(was_training)
     return sum(losses) / max(len(losses), 1)
 
@@ -718,6 +453,87 @@ def write_sample(path, unet, vae, item, args, device):
     unet.train(was_training)
 
 
+def train(args):
+    check_args(args)
+    rank, world, device = setup_distributed(args)
+    distributed.set_tf32(args.tf32)
+    is_main, out = rank == 0, Path(args.out)  # --out is created when the first step is logged
+    resume_dir, state = load_resume(args)
+    precision, autocast = autocast_for(args, device)
+    train_videos, val_videos = split_videos(args.data, args.val_data)
+    model, config, sources = build_model(args, device, resume_dir)
+    objective, core, vae, sources = build_objective(args, model, device, precision, sources)
+    opt = Optimisation(model, args, device, precision, state)
+    skipped = set(state["skipped"]) if state is not None else set()
+    train_model = wrap_model(core, args, world, device)
+    loader, val_loader, sample_item = make_loaders(args, train_videos, val_videos, rank, world, opt.step, device)
+    log = RunLog(out, is_main, args.max_steps, opt.step)
+    log_start(log, args, model, train_videos, val_videos, world, device, precision)
+
+    def checkpoint():
+        if is_main:
+            meta = {"sources": sources, "step": str(opt.step), "trained_by": "m3ddm train.py"}
+            path = save_checkpoint(out, opt.step, args.target, model.state_dict(), config,
+                                   trainer_state(opt, args, world, skipped), meta, opt.ema, args.keep_checkpoints)
+            log.message(f"checkpoint {path}")
+            if args.eval_videos and args.target == "unet":   # the EMA weights when there are any: what ships
+                name = weights_filename(args.target)
+                if opt.ema is not None:
+                    name = name.replace(".safetensors", "_ema.safetensors")
+                result = run_evaluation(args, path / name, opt.step, device, log)
+                if result is not None:
+                    log.record(step=opt.step, eval=result, eval_weights=name)
+        if world > 1:
+            dist.barrier()
+
+    batches = iter(loader)
+    while opt.step < args.max_steps:
+        loss, grad_norm, lr, clips = train_step(train_model, objective, batches, opt, args, world, autocast, log,
+                                                skipped)
+        step = opt.step
+        log.step(step, loss, lr, grad_norm, sum(map(len, clips)), len(skipped), args.log_every,
+                 clips if args.log_data else None)
+        if args.val_every and step % args.val_every == 0 and val_loader is not None:
+            log.validation(step, run_validation(core, objective, val_loader, autocast))
+        if args.sample_every and step % args.sample_every == 0 and sample_item is not None:
+            with autocast:  # the fp32 training model samples in the training precision (bf16 on CUDA)
+                write_sample(out / "samples" / f"step-{step:07d}.mp4", model, vae, sample_item, args, device)
+        if step < args.max_steps and args.save_every and step % args.save_every == 0:
+            checkpoint()
+    checkpoint()
+    log.record(step=opt.step, done=True, skipped_videos=len(skipped))
+    if world > 1:
+        dist.destroy_process_group()
+    return out / weights_filename(args.target)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints (m3ddm/training.py stores and finds them): what is saved, resume, evaluation of a checkpoint
+
+
+def load_resume(args):
+    """(checkpoint folder, trainer state) of --resume, or (None, None); the data-stream options must not change.
+    Unset condition-dropout options: the resumed run's, else 0 when fine-tuning (as the reference), 0.1 from scratch."""
+    resume_dir = latest_checkpoint(args.resume) if args.resume else None
+    state = load_state(resume_dir) if resume_dir else None
+    changed = [k for k in RESUME_FIXED if state and getattr(args, k) is not None
+               and json.dumps(state["args"].get(k)) != json.dumps(getattr(args, k))]
+    if changed:
+        raise UserError(f"--resume: {', '.join('--' + k.replace('_', '-') for k in changed)} differ from the "
+                        "checkpoint's run; give the same values to continue it exactly.")
+    for name in ("p_uncond_local", "p_uncond_global"):
+        if getattr(args, name) is None:
+            setattr(args, name, state["args"][name] if state is not None else 0.0 if args.init else 0.1)
+    return resume_dir, state
+
+
+def trainer_state(opt, args, world, skipped):
+    """What resume needs besides the weights: optimizer, schedule, scaler, EMA, step, the run's args."""
+    return {**opt.state_dict(), "samples_per_rank": opt.step * args.batch_size * args.grad_accum,
+            "world_size": world, "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
+            "skipped": sorted(skipped)}
+
+
 EVAL_METRICS = ("psnr", "psnr_band", "ssim", "ssim_band")
 
 
@@ -730,6 +546,7 @@ def run_evaluation(args, unet_file, step, device, log):
            "--size", str(args.size), "--frames", str(args.eval_frames), "--steps", str(args.eval_steps),
            "--crop-ratio", "0.25", "--device", str(device), "--previews", "0"]
     log.message(f"step {step}: evaluating {unet_file} on {len(args.eval_videos)} --eval-videos input(s)")
+    distributed.free_cached_memory(device)  # the subprocess needs the GPU memory this process cached
     try:
         r = subprocess.run(cmd, capture_output=True, text=True)
         lines = [s.strip() for s in r.stderr.replace("\r", "\n").splitlines() if s.strip()]
@@ -745,186 +562,26 @@ def run_evaluation(args, unet_file, step, device, log):
     return result
 
 
-def train(args):
-    check_args(args)
-    rank, world, device = setup_distributed(args)
-    is_main = rank == 0
-    out = Path(args.out)
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
+# ---------------------------------------------------------------------------------------------------
+# Log
 
-    resume_dir, state = None, None
-    if args.resume:
-        resume_dir = latest_checkpoint(args.resume)
-        state = torch.load(resume_dir / STATE_FILE, map_location="cpu", weights_only=True)
-        changed = [k for k in RESUME_FIXED if getattr(args, k) is not None
-                   and json.dumps(state["args"].get(k)) != json.dumps(getattr(args, k))]
-        if changed:
-            raise UserError(f"--resume: {', '.join('--' + k.replace('_', '-') for k in changed)} differ from the "
-                            "checkpoint's run; give the same values to continue it exactly.")
 
-    # condition-dropout defaults: 0 when fine-tuning (as the reference), 0.1 from scratch
-    for name in ("p_uncond_local", "p_uncond_global"):
-        if getattr(args, name) is None:
-            setattr(args, name, state["args"][name] if state is not None else 0.0 if args.init else 0.1)
-    precision = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
-                 "auto": torch.bfloat16 if device.type == "cuda" else torch.float32}[args.precision]
-    autocast = (torch.autocast(device.type, dtype=precision) if precision != torch.float32 else nullcontext())
-
-    train_videos, val_videos = split_videos(args.data)
-    if args.val_data:
-        val_videos = find_videos(args.val_data)
-    model, config, sources = build_model(args, device, resume_dir)
-    if args.target == "unet":
-        vae = frozen_vae(args, device, precision)
-        sources = sources + [{"name": os.path.basename(args.vae), "sha256": sha256_file(args.vae)}]
-        objective = UNetObjective(vae, args, device)
-    else:
-        vae, objective = None, VAEObjective(model, args, device)
-    core = model if args.target == "unet" else VAEWithLoss(model)  # what the loss calls
-
-    ema = EMA(model, args.ema) if args.ema > 0 else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    warmup = args.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
-    step = 0
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        if ema is not None:
-            ema.shadow = {k: v.to(device) for k, v in state["ema"].items()}
-        step = int(state["step"])
-    skipped_seen = set(state["skipped"]) if state is not None else set()
-
-    train_model = core
-    if world > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            core, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:
-        train_model = torch.compile(train_model)
-
-    per_step = args.batch_size * args.grad_accum
-    remaining = max(args.max_steps - step, 0)
-    dataset = ClipDataset(train_videos, args, TRAIN_STREAM, rank, world)
-    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=ClipSampler(step * per_step, remaining * per_step),
-                        num_workers=args.num_workers, collate_fn=collate, pin_memory=device.type == "cuda",
-                        prefetch_factor=2 if args.num_workers else None)
-    val_loader = None
-    if args.val_every and val_videos and is_main:
-        val_set = ClipDataset(val_videos, args, VAL_STREAM, 0, 1)
-        val_loader = DataLoader(val_set, batch_size=args.batch_size, sampler=ClipSampler(0, args.val_clips),
-                                num_workers=0, collate_fn=collate)
-
-    sample_item = None
-    if args.sample_every and args.target == "unet" and is_main:  # a fixed clip: the first one of the val stream
-        sample_item = ClipDataset(val_videos or train_videos, args, VAL_STREAM, 0, 1)[0]
-        if "error" in sample_item:
-            raise UserError(f"sample clip: {sample_item['error']}.")
-    log = Logger(out, is_main, args.max_steps, step)
-    log.message(f"training {args.target} ({sum(p.numel() for p in model.parameters()):,} parameters) on "
-                f"{len(train_videos)} videos, {world} process(es), device {device}, precision {precision}, "
-                f"from step {step}")
+def log_start(log, args, model, train_videos, val_videos, world, device, precision):
+    log.message(f"training {args.target} ({sum(p.numel() for p in model.parameters()):,} parameters) on the "
+                f"{len(train_videos)} video files of {args.data} (unusable ones are skipped with a warning), "
+                f"{world} process(es), device {device}, precision {precision}, from step {log.step0}")
     if args.val_every and not val_videos:
         log.message("no validation videos (no val/ folder and no --val-data): validation is off")
 
-    def checkpoint(at_step):
-        if is_main:
-            st = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                  "scaler": scaler.state_dict(), "ema": ema.shadow if ema is not None else {},
-                  "step": at_step, "samples_per_rank": at_step * per_step, "world_size": world,
-                  "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
-                  "skipped": sorted(skipped_seen)}
-            path = save_checkpoint(out, at_step, model, config, st, ema, args, sources)
-            log.message(f"checkpoint {path}")
-            if args.eval_videos and args.target == "unet":  # the EMA weights when there are any: what ships
-                name = model_filename(args.target).replace(".safetensors", "_ema.safetensors" if ema else ".safetensors")
-                result = run_evaluation(args, path / name, at_step, device, log)
-                if result is not None:
-                    log.record(step=at_step, eval=result, eval_weights=name)
-        if world > 1:
-            dist.barrier()
-
-    batches = iter(loader)
-    t_last = time.time()
-    while step < args.max_steps:
-        losses, data_log = [], []
-        for micro in range(args.grad_accum):
-            batch = next(batches)
-            for path, reason in batch["skipped"]:
-                if path not in skipped_seen:
-                    skipped_seen.add(path)
-                    log.message(f"warning: skipped {path} ({reason}); {len(skipped_seen)} video(s) skipped so far")
-            if "error" in batch:
-                raise UserError(f"training data: {batch['error']}.")
-            sync = micro == args.grad_accum - 1 or world == 1
-            with (nullcontext() if sync or not hasattr(train_model, "no_sync") else train_model.no_sync()):
-                loss = objective.loss(train_model, batch, autocast)
-                scaler.scale(loss / args.grad_accum).backward()
-            losses.append(loss.detach())
-            data_log += [[v, int(s), int(st)] for v, s, st in zip(batch["video"], batch["start"], batch["stride"])]
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else
-                                                   float("inf"))
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
-        if ema is not None:
-            ema.update(model)
-        step += 1
-
-        loss_value = torch.stack(losses).mean()
-        if world > 1:
-            dist.all_reduce(loss_value)
-            loss_value /= world
-        gathered = None
-        if args.log_data:
-            gathered = [None] * world
-            if world > 1:
-                dist.all_gather_object(gathered, data_log)
-            else:
-                gathered = [data_log]
-        now = time.time()
-        clips_per_s = per_step * world / max(now - t_last, 1e-9)
-        t_last = now
-        rec = {"step": step, "loss": loss_value.item(), "lr": lr, "grad_norm": float(grad_norm),
-               "clips_per_s": clips_per_s, "elapsed_s": now - log.t0, "skipped_videos": len(skipped_seen)}
-        if gathered is not None:
-            rec["data"] = gathered
-        log.record(**rec)
-        if step % args.log_every == 0 or step == args.max_steps or step == 1:
-            log.progress(step, rec["loss"], lr, clips_per_s, final=step == args.max_steps)
-        if args.val_every and step % args.val_every == 0 and val_loader is not None:
-            val = run_validation(core, objective, val_loader, autocast)
-            log.record(step=step, val_loss=val)
-            log.message(f"step {step} validation loss {val:.4f}")
-        if args.sample_every and step % args.sample_every == 0 and is_main and sample_item is not None:
-            write_sample(out / "samples" / f"step-{step:07d}.mp4", model, vae, sample_item, args, device)
-        if step < args.max_steps and args.save_every and step % args.save_every == 0:
-            checkpoint(step)
-    checkpoint(step)
-    log.record(step=step, done=True, skipped_videos=len(skipped_seen))
-    if world > 1:
-        dist.destroy_process_group()
-    return out / model_filename(args.target)
-
 
 def main(argv=None):
-    try:
-        args = parse_args(argv)
-        path = train(args)
-    except UserError as e:
-        print(f"\nerror: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(path)
-    return 0
+    from m3ddm import cli
+
+    def body():
+        path = train(parse_args(argv))
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(path)
+    return cli.run(body, interrupted="completed checkpoints are kept; continue with --resume")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import torch
 
 from m3ddm import __version__
 from m3ddm import weights as W
+from m3ddm import cli
 from m3ddm.errors import UserError
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
@@ -270,17 +271,15 @@ def main(argv=None):
     for name in ("info", "verify"):
         sub.add_parser(name, help=f"{name} an m3ddm weights file").add_argument("file")
     args = p.parse_args(argv)
-    try:
+
+    def body():
         if args.command in ("vae", "unet"):
             convert(args.command, args.src, args.out, args.dtype, args.force, args.config)
         elif args.command == "lpips":
             convert_lpips(args.alexnet, args.lins, args.out, args.force)
         else:
             (info if args.command == "info" else verify)(args.file)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return cli.run(body, interrupted="no partial output was kept")
 
 
 if __name__ == "__main__":

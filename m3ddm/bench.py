@@ -22,6 +22,7 @@ import platform
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from . import cli
 from .errors import UserError
 from .sampler import (assemble_conditioning, clip_noise, denoise_clip, encode_global_context,
                       sampler_branches)
@@ -153,7 +155,7 @@ def measure(section: str, name: str, fn: Callable, args, device: torch.device,
 
 
 def progress(message: str):
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
+    cli.progress_line(f"[bench] {message}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -267,17 +269,20 @@ def bench_unet(args, models: Models, inputs: ClipInputs, device, dtype) -> list:
         tokens = models.fast_eager.encode_global(inputs.global_latents[None].to(dtype))   # (1, T, 320)
     x_fast = x[:1].expand(args.batch, -1, -1, -1, -1).to(dtype)
     context = tokens.expand(args.batch, -1, -1)
+    # device tensors made once: a Python scalar would be a host-to-device copy per call (and a recompile
+    # per value under torch.compile)
+    t, fps = torch.tensor(BENCH_TIMESTEP, device=device), torch.tensor([UNET_FPS], device=device)
 
     @torch.no_grad()
     def fast(unet=models.fast):
-        return unet(x_fast, BENCH_TIMESTEP, UNET_FPS, context=context)
+        return unet(x_fast, t, fps, context=context)
 
     global_latents = inputs.global_latents[None].expand(4, -1, -1, -1, -1)
 
     @torch.no_grad()
     def plain():
         with plain_attention(models.plain):
-            return models.plain(x, BENCH_TIMESTEP, UNET_FPS, global_latents=global_latents)
+            return models.plain(x, t, fps, global_latents=global_latents)
 
     shape = f"{args.frames}x{args.size}px"
     rows = [measure("unet", f"forward fast B={args.batch} {args.dtype} {shape}", fast, args, device,
@@ -418,7 +423,7 @@ def bench_video(args, models: Models, vae: AutoencoderKL, device, dtype, num_fra
 
     def run(unet):
         return lambda: outpaint_video(path, out_dir, unet, vae, [ratio], replace(options), device=device,
-                                      dtype=dtype)
+                                      dtype=dtype, progress=None, overwrite=True)   # a repeat replaces the last
 
     real = bool(args.video) and num_frames is None
     source = path.name if real else f"synthetic {frames}f"
@@ -476,7 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-plain", action="store_true", help="measure only the fast path")
     p.add_argument("--no-flops", dest="flops", action="store_false", help="skip the FLOP-counting run")
     p.add_argument("--threads", type=int,
-                   help="CPU threads for torch (default: torch's own; 1 is steadier on a loaded machine)")
+                   help="CPU threads for torch, 1 or more (default: torch's own; 1 is steadier on a loaded machine)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights, inputs and noise")
     p.add_argument("--out", default="out/bench", help="output folder (default out/bench)")
     p.add_argument("--json", help="JSON result path (default OUT/bench.json)")
@@ -529,7 +534,29 @@ def check_args(args) -> tuple:
         args.warmup = 2
     if args.video and not Path(args.video).is_file():
         raise UserError(f"--video {args.video} does not exist; give the path of a video file.")
+    check_writable(json_path(args), "--json" if args.json else "--out")
     return device, DTYPES[args.dtype]
+
+
+def json_path(args) -> Path:
+    return Path(args.json) if args.json else Path(args.out) / "bench.json"
+
+
+def check_writable(path: Path, option: str):
+    """The JSON result can be written to path: checked before the run, so that a long run is not lost at its end.
+    Nothing is created (the nearest existing folder takes a probe file, removed at once)."""
+    existing = next(p for p in [path.parent.absolute(), *path.parent.absolute().parents] if p.exists())
+    if path.is_dir():
+        raise UserError(f"{option}: {path} is a folder; give the name of a .json file.")
+    if not existing.is_dir():
+        raise UserError(f"{option}: {existing} is a file, so {path} cannot be written; choose another {option}.")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".m3ddm-write-test.")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"{option}: {path} cannot be written ({e.strerror} in {existing}); choose another {option}.") \
+            from None
 
 
 def machine_info(device: torch.device) -> dict:
@@ -545,6 +572,8 @@ def machine_info(device: torch.device) -> dict:
 def run_bench(args) -> dict:
     """Every requested section, in one process; returns the JSON-ready result."""
     device, dtype = check_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)  # after the check: torch raises on a negative count
     torch.set_grad_enabled(False)
     result = {"machine": machine_info(device), "args": {k: v for k, v in vars(args).items()}, "sections": {}}
     sections = result["sections"]
@@ -627,18 +656,17 @@ def speedup_line(result: dict) -> Optional[str]:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    return cli.run(lambda: _run_and_report(args), interrupted="nothing was written")
+
+
+def _run_and_report(args) -> int:
     threads, grad = torch.get_num_threads(), torch.is_grad_enabled()
     try:
-        if args.threads:
-            torch.set_num_threads(args.threads)
         result = run_bench(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     finally:  # main() may be called in-process (tests): leave torch's global settings as they were
         torch.set_num_threads(threads)
         torch.set_grad_enabled(grad)
-    path = Path(args.json) if args.json else Path(args.out) / "bench.json"
+    path = json_path(args)
     write_json(result, path)
     print(format_table(result))
     print(f"json: {path}")

@@ -11,9 +11,11 @@ Geometry (reference arithmetic, one fix):
   truncated sizes and gets 255/254 (511/510) for "2:3", "21:9", 854x480 -> "3:4", ..., then crashes.
 - Mask: 1 = generate (the border), 0 = keep (the frame). Latent mask: nearest downsample by 8 (the
   top-left pixel of each 8x8 cell), as F.interpolate(mode="nearest"): `masks.latent_mask`.
-- Output crop per ratio a:b: centred on the canvas, the largest a:b rectangle (w = int(S*a/b) when
-  a < b, else h = int(S*b/a)), as the reference; FIX: an odd size is rounded UP to even for H.264
-  (the crop still contains the whole frame; it only differs from the reference for "21:9"-like ratios).
+- Output crop per ratio a:b (the working-size outputs): centred on the canvas, the largest a:b rectangle,
+  as the reference: the long side is S and the short side int(S*b/a) (or int(S*a/b)); FIX: an odd short
+  side is rounded UP to even for H.264. So the short side is the even integer nearest to the exact
+  S*b/a (an odd integer goes up), within 1 px of it, and the crop always contains the whole frame (it only
+  differs from the reference for "21:9"-like ratios, where the reference's side is odd).
 
 Border fill (the reference uses OpenCV's Telea inpainting, for the starting latent x_T only): an
 onion-peel fill, a simplified Telea without its gradient and direction terms. Layer by layer from the
@@ -23,15 +25,20 @@ straight out into the border (a column gradient stays a column gradient), with a
 grows with the distance. Known pixels are returned exactly, there are no holes, and every value is a
 convex combination of known pixels (no overshoot). Cost: one 3x3 pooling per border pixel of depth.
 
-Full-resolution composite (`--keep-resolution`): the output for ratio a:b at source scale has the size
-of that ratio's canvas crop times (W / w', H / h'), rounded up to even and at least the source size;
-the source is pasted at its exact pixels (centred like on the canvas) and only the generated border
-is resampled (bilinear) from the working canvas, with the frame rectangle mapped exactly onto the
-canvas frame rectangle so the seam lines up. `feather` px blends the source into the generated border
-over a ramp inside the known region's edges (default 0 = hard paste).
+Full-resolution composite (`--keep-resolution`): the output for ratio a:b is that ratio's crop of the
+union canvas at the source's scale (one ratio: the source extended to a:b), with the ratio exact up to
+rounding to even pixels: the long side is the even integer nearest to the canvas side at source scale,
+max(union), and the short side the even integer nearest to what a:b makes of it (odd integers go up),
+neither smaller than the source. 1920x1080 -> 21:9 is 2520x1080; 640x480 -> 16:9 is 854x480. The source is centred, (out - in) // 2 from the
+top/left (within 1 px of the centre), at its exact pixels; only the generated border is resampled
+(bilinear) from the working canvas, with the source rectangle mapped exactly onto the canvas frame
+rectangle so that the seam lines up (output pixels beyond the canvas edge, at most about a canvas pixel,
+take the edge's value). `feather` px blends the source into the generated border over a ramp inside the
+known region's edges (default 0 = hard paste).
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Sequence
@@ -128,8 +135,8 @@ class CanvasGeometry:
 
 def check_size(size: int) -> int:
     if not isinstance(size, (int, np.integer)) or size <= 0 or size % SIDE_MULTIPLE:
-        raise UserError(f"Canvas size {size} is not a positive multiple of {SIDE_MULTIPLE}; "
-                        "use e.g. 256 or 512.")
+        raise UserError(f"--size {size} is not a positive multiple of {SIDE_MULTIPLE} (the side of the square "
+                        "canvas); use e.g. 256 or 512.")
     return int(size)
 
 
@@ -302,18 +309,23 @@ class FullResLayout:
     offset: tuple
 
 
+def _even_near(x: float, at_least: int) -> int:
+    """The even integer nearest to x (an odd integer goes up), and at least `at_least` rounded up to even."""
+    return max(_even_up(at_least), 2 * math.floor(x / 2 + 0.5))
+
+
 def full_res_layout(geom: CanvasGeometry, ratio: tuple) -> FullResLayout:
-    """Size of the --keep-resolution output for a ratio and where the source goes in it."""
+    """Size of the --keep-resolution output for a ratio and where the source goes in it (module doc)."""
     H, W = geom.source_hw
-    rh, rw = geom.resized_hw
-    fy, fx = H / rh, W / rw                        # canvas px -> source px
-    x0, y0, cw, ch = geom.crops[tuple(ratio)]
-    out_h = max(H, _even_up(int(round(ch * fy))))
-    out_w = max(W, _even_up(int(round(cw * fx))))
-    out_h, out_w = _even_up(out_h), _even_up(out_w)
-    top = min(max(int(round((geom.pad[0] - y0) * fy)), 0), out_h - H)
-    left = min(max(int(round((geom.pad[1] - x0) * fx)), 0), out_w - W)
-    return FullResLayout(out_hw=(out_h, out_w), offset=(top, left))
+    a, b = ratio
+    side = max(geom.union_hw)                      # the canvas side at source scale, before any rounding
+    if a >= b:                                     # the crop's long side is the canvas side; the short follows
+        out_w = _even_near(side, W)
+        out_h = _even_near(out_w * b / a, H)
+    else:
+        out_h = _even_near(side, H)
+        out_w = _even_near(out_h * a / b, W)
+    return FullResLayout(out_hw=(out_h, out_w), offset=((out_h - H) // 2, (out_w - W) // 2))
 
 
 def composite_full_res(source: torch.Tensor, generated: torch.Tensor, geom: CanvasGeometry, ratio: tuple,

@@ -35,6 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import cli
+from .data import center_square_box, crop_resize
 from .errors import UserError
 from .vae import LATENT_SCALE
 from .video import VIDEO_EXTENSIONS, probe, read_frames_at
@@ -235,12 +237,7 @@ def centre_frames(path, count=12, size=128):
     info = probe(path)
     idx = np.linspace(0, info.num_frames - 1, count).round().astype(int).tolist()
     frames = read_frames_at(path, idx, info)  # (K, H, W, 3) uint8
-    h, w = frames.shape[1:3]
-    side = min(h, w)
-    top, left = (h - side) // 2, (w - side) // 2
-    x = torch.from_numpy(np.ascontiguousarray(frames[:, top:top + side, left:left + side])).permute(0, 3, 1, 2)
-    x = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return (x / 127.5 - 1.0).clamp(-1.0, 1.0)
+    return crop_resize(frames, center_square_box(*frames.shape[1:3]), size)
 
 
 @torch.no_grad()
@@ -432,7 +429,8 @@ def main(argv=None):
     v.add_argument("--frames", type=int, default=3)
     v.add_argument("--width", type=int, default=192)
     a = p.parse_args(argv)
-    try:
+
+    def body():
         if a.cmd == "split":
             split(a.cache, a.data, a.extra)
         elif a.cmd == "synth":
@@ -445,10 +443,7 @@ def main(argv=None):
             rescale(a.vae_in, a.vae_out, a.data)
         else:
             export(a)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return cli.run(body)
 
 
 if __name__ == "__main__":

@@ -186,8 +186,8 @@ def denoise_clip(unet, scheduler, start_latents: torch.Tensor, noise: torch.Tens
     x = add_noise(start_latents.float(), noise.float(), t_start, alphas)  # x_T, (1, 4, F, h, w)
     device = start_latents.device
     # timesteps and fps as device tensors made once, so the loop makes no host-to-device copy per step
-    t_unet = torch.tensor(loop, device=device) if not plain else loop
-    fps_unet = torch.tensor([int(fps)], device=device) if not plain else fps
+    t_unet = torch.tensor(loop, device=device)
+    fps_unet = torch.tensor([int(fps)], device=device)
     for i, t in enumerate(loop):
         x_in = torch.cat([x.to(unet_dtype).expand(batch, -1, -1, -1, -1), cond_part], dim=1)  # (B, 9, F, h, w)
         out = unet(x_in, t_unet[i], fps_unet, **extra).float()         # (B, 4, F, h, w)

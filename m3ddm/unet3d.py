@@ -409,8 +409,10 @@ class ConvBN(nn.Module):
         self.relu = relu
 
     def forward(self, x):
-        x = self.normalization(self.convolution(x))
-        return F.relu(x) if self.relu else x
+        h = self.convolution(x)
+        # the BatchNorm may be kept in fp32 in a bf16/fp16 model (weights.cast_model): normalise in its dtype
+        h = self.normalization(h.to(self.normalization.weight.dtype)).to(h.dtype)
+        return F.relu(h) if self.relu else h
 
 
 class Bottleneck(nn.Module):

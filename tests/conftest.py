@@ -57,3 +57,77 @@ def tiny_models():
     vae = AutoencoderKL(VAE_PRESETS["tiny"]).eval()
     vae.load_state_dict(load_file(str(FIXTURES / "vae_tiny" / "diffusion_pytorch_model.safetensors")), strict=True)
     return unet, vae
+
+
+# ---------------------------------------------------------------------------------------------------------
+# generated clips (the project's ffmpeg makes each in well under a second)
+
+CONTAINER_CODECS = {   # container -> video encoder options
+    "mp4": ["-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p"],
+    "mov": ["-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p"],
+    "mkv": ["-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p"],
+    "ts": ["-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p"],
+    "webm": ["-c:v", "libvpx-vp9", "-deadline", "realtime", "-cpu-used", "8", "-pix_fmt", "yuv420p"],
+    "avi": ["-c:v", "mjpeg", "-q:v", "3", "-pix_fmt", "yuvj420p"],
+}
+AUDIO_CODECS = {"mp4": "aac", "mov": "aac", "mkv": "aac", "ts": "aac", "webm": "libopus", "avi": "pcm_s16le"}
+
+
+def make_clip(path, rate="30", frames=12, size=(32, 24), audio=False, setpts=None) -> Path:
+    """A small test clip: ffmpeg's testsrc2 at `rate` (e.g. "30000/1001"), `frames` frames of size (W, H), in
+    the container given by the suffix; audio: a sine track; setpts: an ffmpeg setpts expression (VFR clips)."""
+    from m3ddm.video import ffmpeg_exe
+    path = Path(path)
+    fmt = path.suffix[1:]
+    cmd = [ffmpeg_exe(), "-hide_banner", "-v", "error", "-y", "-f", "lavfi",
+           "-i", f"testsrc2=size={size[0]}x{size[1]}:rate={rate}"]
+    if audio:
+        cmd += ["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000", "-c:a", AUDIO_CODECS[fmt], "-shortest"]
+    if setpts:
+        cmd += ["-vf", f"setpts='{setpts}'", "-fps_mode", "passthrough"]
+    cmd += ["-frames:v", str(frames), *CONTAINER_CODECS[fmt], str(path)]
+    subprocess.run(cmd, check=True)
+    return path
+
+
+def packet_times(path):
+    """(timebase, [(pts, duration)] sorted) of a file's video packets, straight from ffmpeg (no m3ddm code)."""
+    from fractions import Fraction
+    from m3ddm.video import ffmpeg_exe
+    r = subprocess.run([ffmpeg_exe(), "-v", "error", "-i", str(path), "-map", "0:v:0", "-c", "copy", "-f", "framecrc",
+                        "-"], capture_output=True, text=True, check=True)
+    tb = Fraction(next(line for line in r.stdout.splitlines() if line.startswith("#tb 0:")).split(":", 1)[1].strip())
+    rows = [line.split(",") for line in r.stdout.splitlines() if line and not line.startswith("#")]
+    return tb, sorted((int(row[2]), int(row[3])) for row in rows if "F=0x4" not in line_flags(row))
+
+
+def line_flags(row):
+    return row[6].strip() if len(row) > 6 else ""
+
+
+def span_seconds(path):
+    """Seconds from the first frame's start to the last frame's end, by the file's own packet timestamps: the
+    pts span plus the median packet duration (with B-frames, mp4 packet durations are dts steps)."""
+    import statistics
+    tb, packets = packet_times(path)
+    return (packets[-1][0] - packets[0][0] + statistics.median_low(d for _, d in packets)) * tb
+
+
+@pytest.fixture(scope="session")
+def tiny_weight_files(tmp_path_factory):
+    """The reference fixture's tiny UNet and VAE as m3ddm files: sample.py's --unet/--vae arguments."""
+    from safetensors.torch import load_file
+    from m3ddm.unet3d import UNET_PRESETS
+    from m3ddm.vae import VAE_PRESETS
+    from m3ddm.weights import save_model
+    d = tmp_path_factory.mktemp("tiny_weights")
+    save_model(d / "unet.safetensors", load_file(str(FIXTURES / "unet3d_tiny" / "diffusion_pytorch_model.safetensors")),
+               "unet", UNET_PRESETS["tiny"])
+    save_model(d / "vae.safetensors", load_file(str(FIXTURES / "vae_tiny" / "diffusion_pytorch_model.safetensors")),
+               "vae", VAE_PRESETS["tiny"])
+    return ["--unet", str(d / "unet.safetensors"), "--vae", str(d / "vae.safetensors")]
+
+
+def ffmpeg_exe_path() -> str:
+    from m3ddm.video import ffmpeg_exe
+    return ffmpeg_exe()

@@ -102,3 +102,16 @@ def test_bad_input_is_a_user_error(bad, capsys):
     assert bench.main(TINY + bad) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_bad_threads_and_unwritable_outputs_are_user_errors(tmp_path, capsys):
+    """Checked before the run (--threads -1 was a traceback; an unwritable --json failed after the whole run)."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    threads = torch.get_num_threads()
+    for bad, words in ((["--threads", "-1"], "--threads is -1"), (["--json", str(tmp_path)], "is a folder"),
+                       (["--out", str(blocker / "sub")], "is a file")):
+        assert bench.main(TINY + bad) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and words in err, err
+    assert torch.get_num_threads() == threads and not list(tmp_path.glob(".m3ddm-write-test*"))

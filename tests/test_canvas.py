@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import FIXTURES
-from m3ddm.canvas import (border_fill, canvas_geometry, composite_full_res, crop, frames_to_canvas,
+from m3ddm.canvas import (FullResLayout, border_fill, canvas_geometry, composite_full_res, crop, frames_to_canvas,
                           frames_to_tensor, from_model, full_res_layout, global_frames_to_model,
                           needs_outpainting, parse_ratios, paste_known, pixel_mask,
                           tensor_to_frames, to_model)
@@ -181,3 +181,71 @@ def test_crop_and_full_res_composite_alignment():
         assert (out[0, 0][inner].float() - want[inner]).abs().max() <= 2.0
         soft = composite_full_res(source, canvas, geom, ratio, feather=6)
         assert (soft[0, 0][inner].float() - want[inner]).abs().max() <= 2.0
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['W']}x{c['H']}-{c['ratios']}-S{c['S']}")
+def test_working_crop_rule(case):
+    """Every ratio's canvas crop: long side S, short side the even integer nearest S*b/a (an odd integer goes
+    up), within 1 px of it; centred exactly; the whole frame inside."""
+    geom = canvas_geometry((case["H"], case["W"]), parse_ratios(case["ratios"]), case["S"])
+    S, (rh, rw) = geom.size, geom.resized_hw
+    for (a, b), (x0, y0, w, h) in geom.crops.items():
+        long_side, short_side, exact = (w, h, S * b / a) if a >= b else (h, w, S * a / b)
+        assert long_side == S and short_side % 2 == 0 and abs(short_side - exact) <= 1
+        assert short_side == 2 * int(exact // 2) + (2 if int(exact) % 2 else 0)
+        assert (x0, y0) == ((S - w) // 2, (S - h) // 2) and (S - w) % 2 == 0 and (S - h) % 2 == 0
+        assert x0 <= geom.pad[1] and geom.pad[1] + rw <= x0 + w and y0 <= geom.pad[0] and geom.pad[0] + rh <= y0 + h
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['W']}x{c['H']}-{c['ratios']}-S{c['S']}")
+def test_full_resolution_has_the_ratio(case):
+    """--keep-resolution: the ratio exactly up to rounding to even pixels, at least the source, source centred
+    within 1 px; one ratio: the source extended to the ratio, nothing more."""
+    H, W = case["H"], case["W"]
+    ratios = parse_ratios(case["ratios"])
+    geom = canvas_geometry((H, W), ratios, case["S"])
+    for a, b in ratios:
+        layout = full_res_layout(geom, (a, b))
+        (oh, ow), (top, left) = layout.out_hw, layout.offset
+        assert oh % 2 == 0 and ow % 2 == 0 and oh >= H and ow >= W
+        assert min(abs(ow - oh * a / b), abs(oh - ow * b / a)) <= 1          # the ratio, up to even rounding
+        assert abs(top - (oh - H - top)) <= 1 and abs(left - (ow - W - left)) <= 1
+        if len(ratios) == 1:                     # one side is the source's (rounded up to even)
+            assert oh == H + H % 2 or ow == W + W % 2
+
+
+def test_full_resolution_21_9_from_1080p():
+    geom = canvas_geometry((1080, 1920), [(21, 9)], 256)
+    assert full_res_layout(geom, (21, 9)) == FullResLayout(out_hw=(1080, 2520), offset=(0, 300))
+    assert full_res_layout(canvas_geometry((1080, 1920), [(21, 9)], 512), (21, 9)).out_hw == (1080, 2520)
+    assert full_res_layout(canvas_geometry((480, 640), [(16, 9)], 256), (16, 9)).out_hw == (480, 854)
+
+
+@pytest.mark.parametrize("hw,ratios,size", [((90, 160), [(9, 16), (1, 1)], 64), ((1080, 1920), [(21, 9)], 256),
+                                            ((405, 720), [(4, 3), (2, 3)], 128), ((999, 1000), [(16, 9)], 64)])
+def test_full_resolution_border_follows_the_canvas(hw, ratios, size):
+    """A linear gradient drawn consistently on the canvas and the source comes out as the same gradient over the
+    whole full-resolution output: the border is mapped from the canvas through the frame rectangle."""
+    H, W = hw
+    geom = canvas_geometry(hw, ratios, size)
+    rh, rw = geom.resized_hw
+    for ratio in ratios:
+        (oh, ow), (top, left) = full_res_layout(geom, ratio).out_hw, full_res_layout(geom, ratio).offset
+        gy, gx = 60 / oh, 80 / ow                        # the gradient spans 0..140 over the output
+
+        def f(yy, xx):
+            return 40 + gy * yy + gx * xx
+
+        jj = torch.arange(size, dtype=torch.float32) + 0.5
+        cx = left + (jj - geom.pad[1]) * W / rw - 0.5
+        cy = top + (jj - geom.pad[0]) * H / rh - 0.5
+        canvas = f(cy[:, None], cx[None, :]).clamp(0, 255).round().to(torch.uint8).expand(1, 3, size, size)
+        ys, xs = torch.arange(H, dtype=torch.float32) + top, torch.arange(W, dtype=torch.float32) + left
+        source = f(ys[:, None], xs[None, :]).round().to(torch.uint8).expand(1, 3, H, W).contiguous()
+        out = composite_full_res(source, canvas, geom, ratio)
+        assert out.shape == (1, 3, oh, ow) and torch.equal(out[:, :, top:top + H, left:left + W], source)
+        oy, ox = torch.arange(oh, dtype=torch.float32), torch.arange(ow, dtype=torch.float32)
+        want = f(oy[:, None], ox[None, :])
+        edge = int(2 * max(H / rh, W / rw)) + 1           # output px beyond the canvas edge take its value
+        inner = (slice(edge, oh - edge), slice(edge, ow - edge))
+        assert (out[0, 0][inner].float() - want[inner]).abs().max() <= 1.0

@@ -222,3 +222,54 @@ def test_model_and_baselines_end_to_end_on_real_clips(real_videos, tmp_path, cap
     assert len(previews) == 2 * len(E.METHODS)
     info = video.probe(out / previews[0])
     assert (info.width, info.height, info.num_frames) == (3 * 64, 32, 16)
+
+
+# ---------------------------------------------------------------------------------------- options, provenance
+
+
+def test_option_rules_are_stated_and_checked(tmp_path, capsys):
+    clip = _tiny_video(tmp_path / "clip.mp4", 4)
+    out = tmp_path / "out"
+    unet, vae = _model_files(tmp_path)
+    model = ["--method", "model", "--unet", unet, "--vae", vae, "--frames", "4"]
+    rc, err = _run(capsys, [clip, "--out", out, *model, "--size", "96"])
+    assert rc == 2 and err.startswith("error: --size 96 with --method model") and "multiple of 64" in err
+    rc, err = _run(capsys, [clip, "--out", out, "--previews", "-1", "--size", "48"])
+    assert rc == 2 and err.startswith("error: --previews -1")
+    rc, err = _run(capsys, [clip, "--out", out, "--device", "foo", "--size", "48"])
+    assert rc == 2 and err.startswith("error: --device 'foo' is not a device name")
+    rc, err = _run(capsys, [clip, "--out", out, *model, "--size", "64", "--steps", "1"])  # PNDM needs 2 steps:
+    assert rc == 2 and "--scheduler ddim" in err                                         # the advice given ...
+    assert not out.exists()
+    help_text = " ".join(E.build_parser().format_help().split())
+    assert "with --method model a multiple of 64" in help_text and "(default: cuda when available)" in help_text
+
+
+def test_scheduler_device_and_provenance_of_the_model_rows(tmp_path, capsys):
+    """... and works: --scheduler ddim --steps 1; summary.json says how the model rows were made."""
+    from m3ddm.schedulers import SCHEDULERS
+    from m3ddm.version import __version__
+    clip = _tiny_video(tmp_path / "clip.mp4", 4)
+    out = tmp_path / "out"
+    unet, vae = _model_files(tmp_path)
+    rc = E.main([str(clip), "--out", str(out), "--method", "model", "--unet", str(unet), "--vae", str(vae),
+                 "--size", "64", "--frames", "4", "--crop-ratio", "0.5", "--scheduler", "ddim", "--steps", "1",
+                 "--seed", "3", "--previews", "0"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["m3ddm_version"] == __version__
+    made = summary["model"]
+    assert made["m3ddm_version"] == __version__ and made["device"] == "cpu" and made["dtype"] == "float32"
+    assert {k: made["options"][k] for k in ("scheduler", "steps", "seed", "guidance_local", "guidance_global")} == {
+        "scheduler": "ddim", "steps": 1, "seed": 3, "guidance_local": 2.0, "guidance_global": 4.0}
+    assert made["weights"]["unet"] == {"path": str(unet), "sha256": M.sha256_file(unet)}
+    assert made["weights"]["vae"]["sha256"] == M.sha256_file(vae)
+    assert summary["weights"]["unet"] == str(unet)
+    steps = err.replace("\r", "\n")
+    assert "loading the scorers and the model on cpu" in steps and "crop 0.5, model: clip 1/1  step 1/1" in steps
+    assert steps.count("note: the video has 4 frame(s) but 16 global frames") == 1  # once, on its own line
+    action = next(a for a in E.build_parser()._actions if a.dest == "scheduler")
+    assert tuple(action.choices) == SCHEDULERS
+    baselines = E.main([str(clip), "--out", str(tmp_path / "b"), "--method", "zero", "--size", "48", "--frames", "2"])
+    assert baselines == 0 and json.loads((tmp_path / "b" / "summary.json").read_text())["model"] is None

@@ -100,3 +100,21 @@ def test_failed_run_leaves_no_output(tiny_models, real_videos, tmp_path, monkeyp
         outpaint_video(real_videos / "kivy_cityCC0.mpg", tmp_path, unet, vae, [(4, 3)],
                        OutpaintOptions(global_frames=0, limit_frames=5, **FAST))
     assert calls and list(tmp_path.iterdir()) == []
+
+
+def test_progress_goes_to_stderr_by_default(tiny_models, capsys):
+    """The Python API shows its stages and the first clip's steps on stderr unless progress=None (or a callable)."""
+    unet, vae = tiny_models
+    frames = synthetic(4, 24, 32)
+    opts = OutpaintOptions(global_frames=6, size=64, scheduler="ddim", steps=3)
+    outpaint_frames(frames, unet, vae, ratios=[(1, 1)], options=opts)
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("note: the video has 4 frame(s) but 6 global frames")
+    assert err[1:] == ["reading 6 global frames", "encoding 6 global frames", "clip 1/1: reading and encoding its frames",
+                       "clip 1/1  step 1/3", "clip 1/1  step 2/3", "clip 1/1  step 3/3"] + err[7:]
+    assert len(err) == 8 and err[7].startswith("stride  1  clip 1/1  elapsed ")
+    lines = []
+    outpaint_frames(frames, unet, vae, ratios=[(1, 1)], options=opts, progress=lines.append)
+    assert lines[1:7] == err[1:7] and capsys.readouterr().err == ""
+    outpaint_frames(frames, unet, vae, ratios=[(1, 1)], options=opts, progress=None)
+    assert capsys.readouterr().err == ""

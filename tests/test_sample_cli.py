@@ -199,3 +199,121 @@ def test_weights_missing_or_wrong_kind(real_videos, tmp_path, weights, capsys, m
     monkeypatch.setattr(sample, "DEFAULT_VAE", tmp_path / "demo_vae.safetensors")
     expect_error([src, "--out", out], capsys, ["No UNet weights", "--unet", "demo_unet.safetensors"], out)
     expect_error([src, "--out", out, "--unet", unet], capsys, ["No VAE weights", "--vae", "demo_vae.safetensors"], out)
+
+
+# ----------------------------------------------------------------------------------------------------
+# options named in messages, notes, progress before the first clip is done
+
+
+def test_size_error_names_the_option(real_videos, tmp_path, weights, capsys):
+    expect_error([real_videos / "pyfeat_single_face.mp4", "--ratio", "1:1", "--size", "100", "--out", tmp_path / "o",
+                  *weights], capsys, ["--size 100", "multiple of 64"], tmp_path / "o")
+    assert "multiple of 64" in " ".join(sample.build_parser().format_help().split())
+
+
+def test_scheduler_choices_are_the_one_list():
+    from m3ddm.schedulers import SCHEDULERS
+    action = next(a for a in sample.build_parser()._actions if a.dest == "scheduler")
+    assert tuple(action.choices) == SCHEDULERS and sample.scheduler_and_steps(sample.build_parser().parse_args(
+        ["x.mp4"]))[0] == SCHEDULERS[0]  # the default (None on the parser, so that --quality can tell) is the first
+
+
+def test_notes_and_progress_before_the_first_clip_is_done(real_videos, tmp_path, weights, capsys, monkeypatch):
+    """--plain --dtype bf16 and --global-frames above the frame count each give one note; the stages and the
+    first clip's steps are shown (weights and probing too, on a terminal)."""
+    src = tmp_path / "short.mp4"
+    with VideoWriter(src, 48, 36, 10) as writer:                        # 4:3, 6 frames
+        writer.write(read_frames_at(real_videos / "opencv_cup.mp4", range(6))[:, ::10, ::10][:, :36, :48])
+    monkeypatch.setattr(sample.sys.stderr, "isatty", lambda: True)
+    rc, out, err = run_cli([src, "--out", tmp_path / "o", "--size", "64", "--scheduler", "ddim", "--steps", "10",
+                            "--global-frames", "8", "--plain", "--dtype", "bf16", *weights], capsys)
+    assert rc == 0, err
+    lines = err.strip().splitlines()
+    notes = [line for line in lines if "note: " in line]
+    assert len(notes) == 2, err
+    assert notes[0] == "note: --plain runs the reference-shaped path in fp32; --dtype bf16 is not used."
+    assert notes[1].startswith("[short.mp4] note: ") and "6 frame(s)" in notes[1] and "8 global frames" in notes[1]
+    assert lines[1].startswith("loading unet.safetensors and vae.safetensors on cpu (float32)")
+    for stage in ("reading the video", "reading 8 global frames", "encoding 8 global frames",
+                  "clip 1/1: reading and encoding its frames", "clip 1/1  step 1/10", "clip 1/1  step 10/10",
+                  "stride  1  clip 1/1"):
+        assert any(stage in line for line in lines), (stage, err)
+    steps = [line for line in lines if "  step " in line]
+    assert len(steps) == 10  # every step of 10 (at most about ten lines for any step count)
+    record = json.loads((tmp_path / "o" / "short.json").read_text())
+    assert record["notes"] == [notes[1][len("[short.mp4] "):]] and record["options"]["plain"]
+    assert record["dtype"] == "float32"
+    rc, out, err = run_cli([src, "--out", tmp_path / "o2", "--size", "64", "--scheduler", "ddim", "--steps", "2",
+                            "--global-frames", "6", *weights], capsys)
+    assert rc == 0 and "note:" not in err  # as many global frames as frames: nothing to say
+
+
+# DPM-Solver++ and --quality
+
+
+def test_cli_dpm_solver_20_steps(real_videos, weights, tmp_path, capsys):
+    """--scheduler dpm++ --steps 20 end to end on a real clip: N frames at the crop size, 20 UNet calls per clip,
+    the kept region exact in the lossless preview and within codec loss in the mp4."""
+    import imageio.v2 as imageio
+    src = real_videos / "kivy_cityCC0.mpg"                            # 720x405, 25 fps
+    rc, out, err = run_cli([src, "--ratio", "1:1", "--out", tmp_path, "--limit-frames", "20", "--global-frames", "4",
+                            "--size", "64", "--scheduler", "dpm++", "--steps", "20", *weights], capsys)
+    assert rc == 0, err
+    info, got = probe(src), probe(out.split()[0])
+    geom = canvas_geometry(info.hw, [(1, 1)], 64)
+    cx, cy, cw, ch = geom.crops[(1, 1)]
+    assert (got.num_frames, got.fps, got.width, got.height) == (20, 25.0, cw, ch)
+    record = json.loads((tmp_path / "kivy_cityCC0.json").read_text())
+    assert (record["options"]["scheduler"], record["options"]["steps"]) == ("dpm++", 20)
+    assert record["num_clips"] == 2 and record["unet_calls"] == 2 * 20
+    y0, x0, h, w = geom.frame_box
+    preview = imageio.imread(tmp_path / "kivy_cityCC0_preview.png")    # rows: frames; columns: input | mask | output
+    for row in range(preview.shape[0] // 64):
+        masked, output = (preview[row * 64:(row + 1) * 64, k * 64:(k + 1) * 64] for k in (0, 2))
+        assert np.array_equal(output[y0:y0 + h, x0:x0 + w], masked[y0:y0 + h, x0:x0 + w])
+        assert output[:y0].std() > 1                                   # the band is generated, not left black
+    source = frames_to_canvas(frames_to_tensor(read_frames_at(src, range(20), info)), geom).permute(0, 2, 3, 1).numpy()
+    kept = read_frames_at(out.split()[0], range(20), got)[:, y0 - cy:y0 - cy + h, x0 - cx:x0 - cx + w]
+    with VideoWriter(tmp_path / "baseline.mp4", cw, ch, 25) as writer:  # the codec's own loss on the source
+        writer.write(np.ascontiguousarray(source[:, cy:cy + ch, cx:cx + cw]))
+    base = read_frames_at(tmp_path / "baseline.mp4", range(20))[:, y0 - cy:y0 - cy + h, x0 - cx:x0 - cx + w]
+    truth = source[:, y0:y0 + h, x0:x0 + w]
+    assert psnr(kept, truth) > min(40, psnr(base, truth) - 0.5)
+
+
+def test_cli_quality_presets(real_videos, weights, tmp_path, capsys):
+    """--quality fast runs the preset's scheduler and steps; --quality with --scheduler or --steps is refused."""
+    from m3ddm.schedulers import QUALITY
+    src = real_videos / "pyfeat_single_face.mp4"
+    rc, out, err = run_cli([src, "--ratio", "1:1", "--out", tmp_path, "--limit-frames", "4", "--global-frames", "0",
+                            "--size", "64", "--quality", "fast", *weights], capsys)
+    assert rc == 0, err
+    record = json.loads((tmp_path / "pyfeat_single_face.json").read_text())
+    assert tuple(record["options"][k] for k in ("scheduler", "steps", "start_timestep")) == QUALITY["fast"]
+    assert record["unet_calls"] == QUALITY["fast"][1] * record["num_clips"]
+    for extra in (["--steps", "10"], ["--scheduler", "ddim"], ["--start-timestep", "961"]):
+        expect_error([src, "--ratio", "1:1", "--out", tmp_path / "o", "--size", "64", "--quality", "fast", *extra,
+                      *weights], capsys,
+                     ["--quality fast", "either --quality or --scheduler/--steps"], tmp_path / "o")
+    expect_error([src, "--ratio", "1:1", "--out", tmp_path / "o", "--size", "64", "--scheduler", "dpm++", "--steps",
+                  "1000", *weights], capsys, ["--steps 1000", "1 to 999"], tmp_path / "o")
+
+
+def test_cli_start_timestep(real_videos, weights, tmp_path, capsys):
+    """--start-timestep 961 (PNDM-50's segment) with dpm++: the run record keeps it, each clip takes --steps UNet
+    calls; pndm, an out-of-range start and more steps than timesteps are refused before anything is written."""
+    src = real_videos / "pyfeat_single_face.mp4"
+    rc, out, err = run_cli([src, "--ratio", "1:1", "--out", tmp_path, "--limit-frames", "4", "--global-frames", "0",
+                            "--size", "64", "--scheduler", "dpm++", "--steps", "3", "--start-timestep", "961",
+                            *weights], capsys)
+    assert rc == 0, err
+    record = json.loads((tmp_path / "pyfeat_single_face.json").read_text())
+    assert tuple(record["options"][k] for k in ("scheduler", "steps", "start_timestep")) == ("dpm++", 3, 961)
+    assert record["unet_calls"] == 3 * record["num_clips"]
+    base = [src, "--ratio", "1:1", "--out", tmp_path / "o", "--size", "64", *weights]
+    for extra, words in ((["--start-timestep", "961"], ["--start-timestep 961", "ddim or dpm++"]),
+                         (["--scheduler", "ddim", "--start-timestep", "1000"], ["--start-timestep 1000", "1 to 999"]),
+                         (["--scheduler", "ddim", "--start-timestep", "0"], ["--start-timestep 0", "1 to 999"]),
+                         (["--scheduler", "dpm++", "--start-timestep", "9", "--steps", "11"],
+                          ["--steps 11", "10 timesteps", "--steps 10 or fewer"])):
+        expect_error(base + extra, capsys, words, tmp_path / "o")

@@ -180,3 +180,35 @@ def test_ddim_runs_all_timesteps():
     assert start == loop[0] and len(loop) == 4
     start, loop = sampling_timesteps(PNDMScheduler(50))
     assert (start, loop[:3], len(loop)) == (961, [961, 961, 941], 50)
+
+
+@pytest.mark.slow
+def test_same_start_solves_converge_to_the_same_start_solution(tiny_models):
+    """start_timestep 961: x_T is the fill noised at 961 (as PNDM-50's), and DPM++ / DDIM with K steps over
+    [961 -> alphas_cumprod[0]] approach a fine DDIM solve of that segment as K grows (DPM++ at second order,
+    about 4x per doubling; DDIM at first order), while DPM++ from 999 stays far from it whatever K."""
+    from m3ddm.schedulers import DPMSolverPlusPlusScheduler, make_scheduler
+    unet, _ = tiny_models
+    g = torch.Generator().manual_seed(13)
+    start, noise, masked = (torch.randn(1, 4, 2, 8, 8, generator=g) for _ in range(3))
+    mask = torch.zeros(8, 8)
+    mask[:, :2] = 1
+    cond = assemble_conditioning(masked, torch.randn(1, 4, 8, 8, generator=g), mask, [None] * 2)
+    context = encode_global_context(unet, torch.randn(2, 4, 8, 8, generator=g))
+    seen = []
+
+    def solve(scheduler):
+        return denoise_clip(unet, scheduler, start, noise, cond, context, 4,
+                            on_step=lambda i, t, raw, eps, x: seen.append(t) if i == 0 else None)
+
+    fine = solve(DDIMScheduler(241, start_timestep=961))           # a gap of 4 timesteps
+    err = {}
+    for name in ("dpm++", "ddim"):
+        err[name] = [rel(solve(make_scheduler(name, k, 961)), fine) for k in (5, 10, 20)]
+    err["dpm++ from 999"] = [rel(solve(DPMSolverPlusPlusScheduler(k, final_sigmas_type="sigma_min")), fine)
+                             for k in (10, 20)]
+    assert set(seen[:-2]) == {961} and seen[-2:] == [999, 999]
+    for name in ("dpm++", "ddim"):
+        assert err[name][0] > err[name][1] > err[name][2], err
+    assert err["dpm++"][2] < err["dpm++"][0] / 6 and err["dpm++"][2] < err["ddim"][2] / 2, err
+    assert min(err["dpm++ from 999"]) > 10 * err["dpm++"][2], err

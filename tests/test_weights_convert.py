@@ -77,9 +77,11 @@ def test_unet_dtype_info_verify(tmp_path, capsys):
     sd = load_file(str(out))
     counters = [k for k in sd if k.endswith("num_batches_tracked")]
     assert len(counters) == 35 and all(sd[k].dtype == torch.int64 for k in counters)
-    assert {v.dtype for k, v in sd.items() if k not in counters} == {torch.float16}
+    batchnorm = W.batchnorm_names(sd) - set(counters)          # the global encoder's BatchNorms stay fp32
+    assert len(batchnorm) == 35 * 4 and {sd[k].dtype for k in batchnorm} == {torch.float32}
+    assert {v.dtype for k, v in sd.items() if k not in counters and k not in batchnorm} == {torch.float16}
     text = assert_ok(capsys, "info", out)
-    assert "kind: unet" in text and "parameters: 1,322,488" in text and "F16 x1479" in text
+    assert "kind: unet" in text and "parameters: 1,322,488" in text and "F16 x1339" in text and "F32 x140" in text
     assert f"sha256: {W.sha256_file(out)}" in text and '"norm_num_groups": 8' in text
     assert "ok:" in assert_ok(capsys, "verify", out)
     assert_user_error(capsys, out, "unet", FIXTURES / "unet3d_tiny", out, match="already exists")
