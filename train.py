@@ -33,7 +33,7 @@ from m3ddm import video
 from m3ddm.data import TRAIN_STREAM, VAL_STREAM, ClipDataset, ClipSpec, clip_loader, list_videos, split_videos
 from m3ddm.errors import UserError
 from m3ddm.schedulers import NUM_TRAIN_TIMESTEPS, add_noise, alphas_cumprod
-from m3ddm.training import EMA, STATE_FILE, RunLog, latest_checkpoint, load_state, save_checkpoint, weights_filename
+from m3ddm.training import EMA, RunLog, latest_checkpoint, load_state, save_checkpoint, weights_filename
 from m3ddm.unet3d import UNET_PRESETS, UNet3D, UNet3DConfig
 from m3ddm.vae import VAE_PRESETS, AutoencoderKL, VAEConfig
 from m3ddm.weights import config_from, load_unet, load_vae, read_header, sha256_file

@@ -313,11 +313,6 @@ def best_checkpoint(run, metric="psnr_band"):
     return path, record
 
 
-def data_list(data, sub):
-    return [{"name": p.name, "sha256": sha256_file(p)} for p in sorted((Path(data) / sub).iterdir())
-            if p.suffix.lower() in VIDEO_EXTENSIONS]
-
-
 def photo_list(sums_file):
     """[{name, sha256}] of the photographs behind the synthetic clips, from tests/demo_data.sha256."""
     rows = [line.split() for line in Path(sums_file).read_text().splitlines() if line.strip()]
