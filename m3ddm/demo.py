@@ -27,6 +27,7 @@ fp16 export, preview image. Run as `python -m m3ddm.demo CMD ...`.
 import argparse
 import json
 import math
+import os
 import sys
 import zlib
 from pathlib import Path
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 from . import cli
 from .data import center_square_box, crop_resize
 from .errors import UserError
+from .files import create_temp
 from .vae import LATENT_SCALE
 from .video import VIDEO_EXTENSIONS, probe, read_frames_at
 from .weights import load_unet, load_vae, read_header, save_model, sha256_file
@@ -50,6 +52,8 @@ HELD_OUT = ("kivy_cityCC0.mpg", "opencv_cup.mp4")
 
 
 def video_files(folder):
+    if not Path(folder).is_dir():
+        raise UserError(f"{folder} is not a folder; run `make videos` (or `bash tests/fetch_demo_data.sh`) first.")
     return sorted(p for p in Path(folder).resolve().iterdir() if p.suffix.lower() in VIDEO_EXTENSIONS)
 
 
@@ -386,11 +390,31 @@ def preview(truth, source, output, png, count=3, width=192, quiet=False):
     rows = np.concatenate([columns[0], gap, columns[1], gap, columns[2]], axis=2)  # (count, height, W, 3)
     grid = np.concatenate([np.concatenate([r, np.full((4, r.shape[1], 3), 255, np.uint8)]) for r in rows])[:-4]
     png = Path(png)
-    tmp = png.with_name(f".{png.name}.tmp.png")
+    tmp = create_temp(png, suffix=".png")
     iio.imwrite(tmp, grid)
-    tmp.replace(png)
+    os.replace(tmp, png)
     if not quiet:
         print(png.resolve())
+
+
+def check_args(a):
+    """One rule per numeric option of the subcommands; bad values end in one error line (cli.run)."""
+    rules = {"frames": ("at least 1", lambda v: v >= 1), "width": ("a positive even number", lambda v: v > 0 and v % 2 == 0),
+             "size": ("a positive multiple of 8", lambda v: v > 0 and v % 8 == 0)}
+    for name, (rule, ok) in rules.items():
+        value = getattr(a, name, None)
+        if value is not None and not ok(value):
+            raise UserError(f"{a.cmd} --{name} {value} must be {rule}; give such a value.")
+    for name in ("truth", "source", "output", "vae", "vae_in"):
+        path = getattr(a, name, None)
+        if path is not None and not Path(path).is_file():
+            raise UserError(f"{a.cmd}: {path} does not exist; check the path.")
+    folders = ("photos", "data") if a.cmd in ("synth", "rescale") else ()
+    for name in folders:
+        path = getattr(a, name, None)
+        if path is not None and not Path(path).is_dir():
+            raise UserError(f"{a.cmd}: {path} is not a folder; run `bash tests/fetch_demo_data.sh` (or "
+                            "`python -m m3ddm.demo split`) first.")
 
 
 def main(argv=None):
@@ -426,6 +450,7 @@ def main(argv=None):
     a = p.parse_args(argv)
 
     def body():
+        check_args(a)
         if a.cmd == "split":
             split(a.cache, a.data, a.extra)
         elif a.cmd == "synth":
