@@ -34,15 +34,6 @@ def vae_file(tmp_path_factory):
     return path
 
 
-@pytest.fixture
-def one_thread():
-    """The machine is shared: a single intra-op thread is much faster than two oversubscribed ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def data_dir(tmp_path, small_videos, names, sub=None):
     d = tmp_path / "data"
     target = d / sub if sub else d
