@@ -14,6 +14,7 @@ frame (never padded copies of the last frame); global frames can be masked so th
 generate (--mask-global-frames all, the default); both classifier-free-guidance conditions can be dropped.
 """
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -34,7 +35,7 @@ from m3ddm.data import TRAIN_STREAM, VAL_STREAM, ClipDataset, ClipSpec, clip_loa
 from m3ddm.errors import UserError
 from m3ddm.schedulers import NUM_TRAIN_TIMESTEPS, add_noise, alphas_cumprod
 from m3ddm.training import EMA, RunLog, latest_checkpoint, load_state, save_checkpoint, weights_filename
-from m3ddm.unet3d import UNET_PRESETS, UNet3D, UNet3DConfig
+from m3ddm.unet3d import PREDICTION_TYPES, UNET_PRESETS, UNet3D, UNet3DConfig
 from m3ddm.vae import VAE_PRESETS, AutoencoderKL, VAEConfig
 from m3ddm.weights import config_from, load_unet, load_vae, read_header, sha256_file
 
@@ -60,6 +61,9 @@ def parse_args(argv=None):
     a("--lr", type=float, default=1e-5, help="AdamW learning rate, > 0 (default 1e-5)")
     a("--weight-decay", type=float, default=0.01)
     a("--warmup-steps", type=int, default=0, help="linear warm-up, then constant (default 0)")
+    a("--prediction-type", choices=PREDICTION_TYPES,
+      help="--target unet: what the UNet learns to output, the noise (epsilon, the reference) or v (v_prediction, "
+           "which a small model learns far better at high noise); default: that of --config or --init")
     a("--x0-weight-max", type=float, default=1.0,
       help="--target unet: weight each clip's epsilon-MSE by 1/SNR(t) clipped to [1, W], i.e. its x0 error "
            "where t is noisy, so a small model learns the border's colour and layout at high t (default 1: "
@@ -223,6 +227,8 @@ def build_model(args, device, resume_dir):
             with torch.random.fork_rng(devices=[]):  # a reproducible init without touching the caller's RNG
                 torch.manual_seed(args.seed)
                 model, sources = UNet3D(config_from(args.config, UNET_PRESETS, UNet3DConfig, "--config")).to(device), []
+        if args.prediction_type is not None and resume_dir is None:
+            model.config = dataclasses.replace(model.config, prediction_type=args.prediction_type)
         model.gradient_checkpointing = args.gradient_checkpointing
         model.set_attention(args.attention)
     elif resume_dir is not None:
@@ -254,17 +260,19 @@ def black_latent(vae, size, device, dtype):
 
 
 class UNetObjective:
-    """Epsilon-MSE of the 9-channel UNet on one batch (spec pipeline.md 7, training.md 1.8)."""
+    """Epsilon-MSE of the 9-channel UNet on one batch (spec pipeline.md 7, training.md 1.8); for a
+    v-prediction model the MSE to v = sqrt(a) eps - sqrt(1 - a) x0 instead."""
 
-    def __init__(self, vae, opts, device):
-        self.vae, self.o, self.device = vae, opts, device
+    def __init__(self, vae, opts, device, prediction="epsilon"):
+        self.vae, self.o, self.device, self.prediction = vae, opts, device, prediction
         self.vae_dtype = next(vae.parameters()).dtype
         self.alphas = alphas_cumprod().to(device)
         self.black = black_latent(vae, opts.size, device, self.vae_dtype)
 
     @torch.no_grad()
     def inputs(self, batch):
-        """(x (B, 9, F, h, w), t (B,), fps (B,), global latents (B, G, 4, h, w), target noise (B, 4, F, h, w))."""
+        """(x (B, 9, F, h, w), t (B,), fps (B,), global latents (B, G, 4, h, w), target (B, 4, F, h, w): the
+        noise, or v)."""
         o, dev = self.o, self.device
         xs, ts, noises, globs = [], [], [], []
         for i in range(batch["clip"].shape[0]):
@@ -286,7 +294,10 @@ class UNetObjective:
             noise = torch.randn(x0.shape, generator=g).to(dev)  # (F, 4, h, w)
             x_t = add_noise(x0[None], noise[None], t, self.alphas)[0]
             xs.append(torch.cat([x_t, cond, mask[:, None]], dim=1).transpose(0, 1))  # (9, F, h, w)
-            noises.append(noise.transpose(0, 1))  # (4, F, h, w)
+            if self.prediction == "v_prediction":
+                a = self.alphas[t]
+                noise = a.sqrt() * noise - (1 - a).sqrt() * x0
+            noises.append(noise.transpose(0, 1))  # (4, F, h, w): the target
             ts.append(t)
             globs.append(glob)
         # G == 0 stays a (B, 0, 4, h, w) tensor: the UNet's "no global condition"
@@ -346,7 +357,7 @@ def build_objective(args, model, device, precision, sources):
         raise UserError(f"--vae {args.vae} downsamples by {vae.factor}, the UNet needs a factor-8 VAE; "
                         "give an SD-1.5-shaped VAE.")
     sources = sources + [{"name": os.path.basename(args.vae), "sha256": sha256_file(args.vae)}]
-    return UNetObjective(vae, args, device), model, vae, sources
+    return UNetObjective(vae, args, device, model.config.prediction_type), model, vae, sources
 
 
 # ---------------------------------------------------------------------------------------------------

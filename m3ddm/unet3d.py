@@ -22,6 +22,9 @@ DOWN_BLOCK_TYPES = ("CrossAttnDownBlock3D", "DownBlockP3D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock3D", "UpBlockP3D")
 
 
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
 @dataclass
 class UNet3DConfig:
     in_channels: int = 9                  # [noisy latents (4) | conditioning latents (4) | mask (1)]
@@ -45,6 +48,7 @@ class UNet3DConfig:
     mid_block_scale_factor: float = 1.0
     center_input_sample: bool = False
     act_fn: str = "silu"
+    prediction_type: str = "epsilon"      # what the output is: the noise (M3DDM+), or "v_prediction" (the demo)
 
     def __post_init__(self):
         self.block_out_channels = tuple(self.block_out_channels)
@@ -59,6 +63,8 @@ class UNet3DConfig:
             raise ValueError(f"expected block types in {DOWN_BLOCK_TYPES + UP_BLOCK_TYPES}, widths divisible by "
                              f"norm_num_groups and attention_head_dim, act_fn 'silu' and downsample_padding 1, "
                              f"received {bad}, {self.act_fn!r} and {self.downsample_padding}")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"expected prediction_type in {PREDICTION_TYPES}, received {self.prediction_type!r}")
 
     @property
     def time_embed_dim(self):

@@ -15,6 +15,7 @@ sys.path.insert(0, str(ROOT))
 import train as T  # noqa: E402
 from m3ddm import data as D  # noqa: E402
 from m3ddm.weights import load_unet, load_vae, read_header, save_model, strict_load  # noqa: E402
+from m3ddm.schedulers import alphas_cumprod  # noqa: E402
 from test_data import small_videos  # noqa: E402,F401  (a fixture: short clips cut from the real videos)
 
 
@@ -99,6 +100,36 @@ def test_condition_dropout_inputs(small_videos, vae_file, one_thread):
     assert torch.equal(xd[0, 4:8, 0], x[0, 4:8, 0])                  # the guide keeps its latent
 
 
+def test_v_prediction_target(small_videos, vae_file, one_thread):
+    """--prediction-type v_prediction: the same draws, and the target v = sqrt(a) eps - sqrt(1 - a) x0."""
+    args = make_args(vae_file)
+    vae = load_vae(vae_file).requires_grad_(False)
+    item = D.ClipDataset([str(small_videos / "city40.mp4")], T.clip_spec(args))[0]
+    batch = D.collate([dict(item, skipped=[])])
+    x, t, _, _, eps = T.UNetObjective(vae, args, torch.device("cpu")).inputs(batch)
+    xv, tv, _, _, v = T.UNetObjective(vae, args, torch.device("cpu"), "v_prediction").inputs(batch)
+    assert torch.equal(xv, x) and torch.equal(tv, t)
+    a = alphas_cumprod()[int(t)].double()
+    x_t, eps = x[:, :4].double(), eps.double()
+    x0 = (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+    torch.testing.assert_close(v.double(), a.sqrt() * eps - (1 - a).sqrt() * x0, rtol=0, atol=1e-5)
+    assert (v.double() - eps).abs().max() > 1e-3                   # a different target
+
+
+def test_prediction_type_is_saved_and_kept_on_resume(tmp_path, small_videos, vae_file, one_thread):
+    data = data_dir(tmp_path, small_videos, ["bikes8.mp4"])
+    out = tmp_path / "out"
+    common = ["--data", data, "--out", out, "--vae", vae_file, *TINY, "--save-every", "1"]
+    assert run_train([*common, "--max-steps", "1", "--prediction-type", "v_prediction"]) == 0
+    assert load_unet(out / "unet.safetensors").config.prediction_type == "v_prediction"
+    assert run_train([*common, "--max-steps", "2", "--resume", out]) == 0
+    assert load_unet(out / "unet.safetensors").config.prediction_type == "v_prediction"
+    tuned = tmp_path / "tuned"
+    assert run_train(["--data", data, "--out", tuned, "--vae", vae_file, *TINY[2:], "--init", out / "unet.safetensors",
+                      "--max-steps", "1", "--prediction-type", "epsilon"]) == 0
+    assert load_unet(tuned / "unet.safetensors").config.prediction_type == "epsilon"
+
+
 # ---------------------------------------------------------------------------------------------------
 # command line
 
@@ -166,7 +197,8 @@ def test_resume_continues_exactly(tmp_path, small_videos, vae_file, one_thread):
     assert records[-1]["skipped_videos"] == 1  # the corrupt file, counted once
     kind, config, meta = read_header(split / "unet.safetensors")
     assert kind == "unet" and meta["step"] == "20"
-    state = torch.load(split / "checkpoint-0000020" / T.STATE_FILE, weights_only=True)
+    from m3ddm.training import STATE_FILE
+    state = torch.load(split / "checkpoint-0000020" / STATE_FILE, weights_only=True)
     assert state["step"] == 20
 
 
