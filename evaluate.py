@@ -139,6 +139,9 @@ def fill_baseline(inp, cut, axis):
     return canvas.border_fill(pad_baseline(inp, cut, axis, "black"), band)
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 class ModelMethod:
     """M3DDM+ through the same whole-video pipeline as sample.py (m3ddm.pipeline.outpaint_frames).
 
@@ -149,8 +152,9 @@ class ModelMethod:
 
     def __init__(self, args):
         self.device = torch.device(args.device)
-        self.unet = weights.load_unet(args.unet, self.device)
-        self.vae = weights.load_vae(args.vae, self.device)
+        dtype = DTYPES[args.dtype]
+        self.unet = weights.load_unet(args.unet, self.device, dtype)
+        self.vae = weights.load_vae(args.vae, self.device, dtype)
         self.options = pipeline.OutpaintOptions(size=args.size, steps=args.steps, seed=args.seed,
                                                 scheduler=args.scheduler).check()
 
@@ -327,6 +331,9 @@ def build_parser():
                    help="sampler for the model (default pndm, as the reference), as sample.py")
     p.add_argument("--seed", type=int, default=6, help="sampler seed for the model (default 6, as the reference)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                   help="model precision (default fp32 on every device, so that scores do not depend on it; "
+                        "sample.py takes bf16 on CUDA)")
     p.add_argument("--lpips", default=DEFAULT_LPIPS,
                    help="m3ddm LPIPS weights from `weights_convert.py lpips` (skipped if the default is absent)")
     p.add_argument("--i3d", help="i3d_torchscript.pt for FVD (FVD is skipped without it)")
