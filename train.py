@@ -64,10 +64,6 @@ def parse_args(argv=None):
     a("--prediction-type", choices=PREDICTION_TYPES,
       help="--target unet: what the UNet learns to output, the noise (epsilon, the reference) or v (v_prediction, "
            "which a small model learns far better at high noise); default: that of --config or --init")
-    a("--x0-weight-max", type=float, default=1.0,
-      help="--target unet: weight each clip's epsilon-MSE by 1/SNR(t) clipped to [1, W], i.e. its x0 error "
-           "where t is noisy, so a small model learns the border's colour and layout at high t (default 1: "
-           "plain epsilon-MSE, the reference's loss)")
     a("--grad-clip", type=float, default=1.0, help="max gradient norm, 0 = off (default 1.0)")
     a("--size", type=int, default=128, help="square training resolution in pixels, a multiple of 64 (default 128)")
     a("--frames", type=int, default=16, help="frames per clip, at least 2 (default 16)")
@@ -122,7 +118,6 @@ AT_LEAST = {"max_steps": 1, "batch_size": 1, "grad_accum": 1, "frames": 2, "glob
 # the rule of each real-valued option, which must also be finite
 RULES = {"lr": ("> 0", lambda v: v > 0), "weight_decay": (">= 0", lambda v: v >= 0),
          "ema": ("in [0, 1)", lambda v: 0 <= v < 1), "grad_clip": (">= 0", lambda v: v >= 0),
-         "x0_weight_max": (">= 1", lambda v: v >= 1),
          "kl_weight": (">= 0", lambda v: v >= 0), "p_uncond_local": ("in [0, 1]", lambda v: 0 <= v <= 1),
          "p_uncond_global": ("in [0, 1]", lambda v: 0 <= v <= 1)}
 
@@ -308,11 +303,7 @@ class UNetObjective:
         x, t, fps, glob, noise = self.inputs(batch)
         with autocast:
             pred = model(x, t, fps, global_latents=glob)  # (B, 4, F, h, w)
-        if self.o.x0_weight_max == 1:
-            return F.mse_loss(pred.float(), noise)
-        a = self.alphas[t]
-        weight = ((1 - a) / a).clamp(1, self.o.x0_weight_max)  # (B,) x0-MSE = eps-MSE / SNR
-        return (weight * (pred.float() - noise).pow(2).mean(dim=(1, 2, 3, 4))).mean()
+        return F.mse_loss(pred.float(), noise)
 
 
 class VAEWithLoss(torch.nn.Module):
