@@ -72,6 +72,10 @@ def parse_args(argv=None):
     a("--crop", choices=("random", "center"), default="random", help="a random resized crop of the clip (default)")
     a("--crop-scale", type=float, nargs=2, default=(0.08, 1.0), metavar=("MIN", "MAX"))
     a("--mask-strategy", choices=M.MASK_STRATEGIES, default="m3ddm_plus")
+    a("--guide-case-weights", type=float, nargs=3, default=M.MaskSpec().guide_case_weights,
+      metavar=("ALL_MASKED", "FIRST_LAST_RAW", "RANDOM_RAW"),
+      help="odds of a clip's guide-frame case: no raw frame (as a short video or a first stage meets), first and "
+           "last raw, each raw with p 0.5 (default 0.30 0.35 0.35, the M3DDM+ recipe)")
     a("--mask-global-frames", choices=M.GLOBAL_MASK_MODES, default="all",
       help="which global frames are masked like the clip (default all; the reference: overlap)")
     a("--p-uncond-local", type=float, help="P(unconditional local condition) in [0, 1]: 0 with --init, else 0.1")
@@ -133,6 +137,9 @@ def check_args(args):
         value = getattr(args, name)
         if value is not None and not (math.isfinite(value) and ok(value)):
             raise UserError(f"--{name.replace('_', '-')} {value} is invalid; give a number {rule}.")
+    if min(args.guide_case_weights) < 0 or sum(args.guide_case_weights) <= 0:
+        raise UserError(f"--guide-case-weights {' '.join(map(str, args.guide_case_weights))} must be >= 0 with a "
+                        "positive sum; give e.g. 0.30 0.35 0.35.")
     if args.crop_scale[0] <= 0 or args.crop_scale[0] > args.crop_scale[1] or args.crop_scale[1] > 1:
         raise UserError(f"--crop-scale {args.crop_scale} is not 0 < MIN <= MAX <= 1; give e.g. 0.08 1.0.")
     if args.eval_videos:
@@ -160,8 +167,10 @@ def check_args(args):
 
 # args that change the data stream or the model: a resumed run must use the same ones
 RESUME_FIXED = ("target", "batch_size", "grad_accum", "size", "frames", "global_frames", "max_stride", "crop",
-                "crop_scale", "mask_strategy", "mask_global_frames", "p_uncond_local", "p_uncond_global", "seed",
+                "crop_scale", "mask_strategy", "guide_case_weights", "mask_global_frames", "p_uncond_local", "p_uncond_global", "seed",
                 "ema")
+# of those, options newer than some checkpoints: a checkpoint without them ran with these values
+ADDED_LATER = {"guide_case_weights": list(M.MaskSpec().guide_case_weights)}
 
 
 def setup_distributed(args):
@@ -528,7 +537,7 @@ def load_resume(args):
     resume_dir = latest_checkpoint(args.resume) if args.resume else None
     state = load_state(resume_dir) if resume_dir else None
     changed = [k for k in RESUME_FIXED if state and getattr(args, k) is not None
-               and json.dumps(state["args"].get(k)) != json.dumps(getattr(args, k))]
+               and json.dumps(state["args"].get(k, ADDED_LATER.get(k))) != json.dumps(getattr(args, k))]
     if changed:
         raise UserError(f"--resume: {', '.join('--' + k.replace('_', '-') for k in changed)} differ from the "
                         "checkpoint's run; give the same values to continue it exactly.")

@@ -336,6 +336,27 @@ def test_cli_bad_value(tmp_path, small_videos, vae_file, capsys, option, value):
     assert not out.exists()  # --out is never created for a run that cannot start
 
 
+def test_guide_case_weights_bad_values_and_old_checkpoints(tmp_path, small_videos, vae_file, capsys, one_thread):
+    common = ["--data", str(small_videos), "--vae", str(vae_file), *TINY]
+    for bad in (["-1", "1", "1"], ["0", "0", "0"]):
+        assert T.main([*common, "--out", str(tmp_path / "o"), "--guide-case-weights", *bad]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(err) == 1 and err[0].startswith("error: --guide-case-weights"), err
+    assert not (tmp_path / "o").exists()
+    # a checkpoint written before the option existed resumes with the default odds, and only with them
+    from m3ddm.training import STATE_FILE
+    data = data_dir(tmp_path, small_videos, ["bikes8.mp4"])
+    run = ["--data", data, "--out", tmp_path / "run", "--vae", vae_file, *TINY, "--save-every", "1"]
+    assert run_train([*run, "--max-steps", "1"]) == 0
+    state_file = tmp_path / "run" / "checkpoint-0000001" / STATE_FILE
+    state = torch.load(state_file, weights_only=True)
+    del state["args"]["guide_case_weights"]
+    torch.save(state, state_file)
+    assert run_train([*run, "--max-steps", "2", "--resume", tmp_path / "run", "--guide-case-weights", "1", "0", "0"]) == 2
+    assert "--guide-case-weights differ" in capsys.readouterr().err
+    assert run_train([*run, "--max-steps", "2", "--resume", tmp_path / "run"]) == 0
+
+
 def test_init_that_is_not_a_file_and_out_that_is_a_file(tmp_path, small_videos, vae_file, capsys):
     common = ["--data", str(small_videos), "--vae", str(vae_file), *TINY[2:]]  # TINY without --config
     assert T.main([*common, "--out", str(tmp_path / "o"), "--init", str(tmp_path / "none.safetensors")]) == 2
