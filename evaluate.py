@@ -156,7 +156,8 @@ class ModelMethod:
         self.unet = weights.load_unet(args.unet, self.device, dtype)
         self.vae = weights.load_vae(args.vae, self.device, dtype)
         self.options = pipeline.OutpaintOptions(size=args.size, steps=args.steps, seed=args.seed,
-                                                scheduler=args.scheduler, guidance_local=args.guidance_local,
+                                                scheduler=args.scheduler, start_timestep=args.start_timestep,
+                                                guidance_local=args.guidance_local,
                                                 guidance_global=args.guidance_global).check()
 
     def provenance(self, args):
@@ -330,6 +331,8 @@ def build_parser():
     p.add_argument("--steps", type=int, default=50, help="sampler steps for the model (default 50)")
     p.add_argument("--scheduler", choices=SCHEDULERS, default="pndm",
                    help="sampler for the model (default pndm, as the reference), as sample.py")
+    p.add_argument("--start-timestep", type=int, default=None, help="ddim/dpm++: as sample.py's (default: the "
+                   "scheduler's own grid)")
     p.add_argument("--guidance-local", type=float, default=2.0, help="as sample.py's (default 2)")
     p.add_argument("--guidance-global", type=float, default=4.0, help="as sample.py's (default 4)")
     p.add_argument("--seed", type=int, default=6, help="sampler seed for the model (default 6, as the reference)")

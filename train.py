@@ -20,6 +20,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from contextlib import nullcontext
 from dataclasses import fields
 from pathlib import Path
@@ -30,11 +31,10 @@ import torch.nn.functional as F
 
 from m3ddm import distributed
 from m3ddm import masks as M
-from m3ddm import video
 from m3ddm.data import TRAIN_STREAM, VAL_STREAM, ClipDataset, ClipSpec, clip_loader, list_videos, split_videos
 from m3ddm.errors import UserError
 from m3ddm.schedulers import NUM_TRAIN_TIMESTEPS, add_noise, alphas_cumprod
-from m3ddm.training import EMA, RunLog, latest_checkpoint, load_state, save_checkpoint, weights_filename
+from m3ddm.training import EMA, RunLog, out_of_time, write_sample, latest_checkpoint, load_state, save_checkpoint, weights_filename
 from m3ddm.unet3d import PREDICTION_TYPES, UNET_PRESETS, UNet3D, UNet3DConfig
 from m3ddm.vae import VAE_PRESETS, AutoencoderKL, VAEConfig
 from m3ddm.weights import config_from, load_unet, load_vae, read_header, sha256_file
@@ -46,7 +46,13 @@ from m3ddm.weights import config_from, load_unet, load_vae, read_header, sha256_
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train or fine-tune the M3DDM+ UNet (or a small VAE) on videos.")
-    a = p.add_argument
+    for add_options in (model_and_data_options, run_options):
+        add_options(p.add_argument)
+    return p.parse_args(argv)
+
+
+def model_and_data_options(a):
+    """What is trained, from what, how long and how hard, on which clips and masks."""
     a("--data", required=True, help="folder of videos (recursive); its train/ and val/ subfolders are the splits")
     a("--out", required=True, help="output folder: unet.safetensors, checkpoint-*/, metrics.jsonl")
     a("--target", choices=("unet", "vae"), default="unet", help="what to train (default unet)")
@@ -56,6 +62,8 @@ def parse_args(argv=None):
     a("--vae-config", default="tiny", help="--target vae: architecture trained from scratch, tiny|sd15|FILE.json")
     a("--resume", help="continue a run exactly from a checkpoint folder or from the --out folder of a run")
     a("--max-steps", type=int, default=1000, help="optimizer steps in total (default 1000)")
+    a("--max-minutes", type=float, default=0.0,
+      help="stop earlier, with a checkpoint, once this process has trained this long (0 = no limit; default 0)")
     a("--batch-size", type=int, default=1, help="clips per micro-batch per process (default 1)")
     a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
     a("--lr", type=float, default=1e-5, help="AdamW learning rate, > 0 (default 1e-5)")
@@ -82,6 +90,10 @@ def parse_args(argv=None):
     a("--p-uncond-global", type=float, help="P(zero global latents) in [0, 1]: 0 with --init, else 0.1")
     a("--recon-loss", choices=("l1", "mse"), default="l1", help="--target vae reconstruction loss")
     a("--kl-weight", type=float, default=1e-6, help="--target vae KL weight (default 1e-6)")
+
+
+def run_options(a):
+    """Device, precision, loader, logging, checkpoints, validation, samples and evaluation."""
     a("--device", default="auto", help="auto (cuda if available, with torchrun cuda:LOCAL_RANK), cpu, cuda, cuda:N")
     a("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
       help="autocast precision: auto = bf16 on CUDA, fp32 on CPU; fp16 uses a gradient scaler")
@@ -111,7 +123,6 @@ def parse_args(argv=None):
            "metrics.jsonl; --target unet only")
     a("--eval-steps", type=int, default=25, help="PNDM steps of that evaluation, at least 2 (default 25)")
     a("--eval-frames", type=int, default=16, help="first N frames of each evaluation video (default 16)")
-    return p.parse_args(argv)
 
 
 # the least value of each whole-number option (--size: a positive multiple of 64)
@@ -123,7 +134,7 @@ AT_LEAST = {"max_steps": 1, "batch_size": 1, "grad_accum": 1, "frames": 2, "glob
 RULES = {"lr": ("> 0", lambda v: v > 0), "weight_decay": (">= 0", lambda v: v >= 0),
          "ema": ("in [0, 1)", lambda v: 0 <= v < 1), "grad_clip": (">= 0", lambda v: v >= 0),
          "kl_weight": (">= 0", lambda v: v >= 0), "p_uncond_local": ("in [0, 1]", lambda v: 0 <= v <= 1),
-         "p_uncond_global": ("in [0, 1]", lambda v: 0 <= v <= 1)}
+         "p_uncond_global": ("in [0, 1]", lambda v: 0 <= v <= 1), "max_minutes": (">= 0", lambda v: v >= 0)}
 
 
 def check_args(args):
@@ -445,34 +456,6 @@ def run_validation(model, objective, val_loader, autocast):
     return sum(losses) / max(len(losses), 1)
 
 
-@torch.no_grad()
-def write_sample(path, unet, vae, item, args, device):
-    """Outpaint one fixed clip with the live UNet (PNDM, --sample-steps, guidance 2 / 4, guides none) and write
-    [masked input | output | ground truth] side by side as an mp4 (temporary name, then rename)."""
-    from m3ddm.sampler import assemble_conditioning, clip_noise, denoise_clip, encode_global_context
-    from m3ddm.schedulers import PNDMScheduler
-    was_training = unet.training
-    unet.eval()
-    dtype = next(vae.parameters()).dtype
-    f = args.frames
-    cond_px = item["clip"] * (1 - item["mask"][0][None, None]) - item["mask"][0][None, None]  # one mask, no guides
-    z = vae.encode_latents(torch.cat([cond_px, item["global"]]).to(device, dtype), batch=args.vae_batch).float()
-    masked = z[:f].transpose(0, 1)[None]  # (1, 4, F, h, w)
-    black = black_latent(vae, args.size, device, dtype)[None]  # (1, 4, h, w)
-    conditioning = assemble_conditioning(masked, black, M.latent_mask(item["mask"][0]).to(device), [None] * f)
-    context = encode_global_context(unet, z[f:])
-    noise = clip_noise(args.seed, masked.shape, device)
-    latents = denoise_clip(unet, PNDMScheduler(args.sample_steps), masked, noise, conditioning, context,
-                           item["fps"], guidance_local=2.0, guidance_global=4.0 if args.global_frames else 1.0)
-    out = vae.decode_latents(latents[0].transpose(0, 1).to(dtype), batch=args.vae_batch).float().cpu()
-    panels = torch.cat([cond_px, out, item["clip"]], dim=3)  # (F, 3, S, 3S)
-    frames = ((panels.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with video.VideoWriter(path, frames.shape[2], frames.shape[1], 8) as writer:
-        writer.write(frames)
-    unet.train(was_training)
-
-
 def train(args):
     check_args(args)
     rank, world, device = setup_distributed(args)
@@ -506,7 +489,7 @@ def train(args):
         if world > 1:
             dist.barrier()
 
-    batches = iter(loader)
+    batches, started = iter(loader), time.monotonic()
     while opt.step < args.max_steps:
         loss, grad_norm, lr, clips = train_step(train_model, objective, batches, opt, args, world, autocast, log,
                                                 skipped)
@@ -518,6 +501,9 @@ def train(args):
         if args.sample_every and step % args.sample_every == 0 and sample_item is not None:
             with autocast:  # the fp32 training model samples in the training precision (bf16 on CUDA)
                 write_sample(out / "samples" / f"step-{step:07d}.mp4", model, vae, sample_item, args, device)
+        if out_of_time(args.max_minutes, started, world, device):
+            log.message(f"step {step}: --max-minutes {args.max_minutes:g} reached; stopping with a checkpoint")
+            break
         if step < args.max_steps and args.save_every and step % args.save_every == 0:
             checkpoint()
     checkpoint()

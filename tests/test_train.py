@@ -336,6 +336,18 @@ def test_cli_bad_value(tmp_path, small_videos, vae_file, capsys, option, value):
     assert not out.exists()  # --out is never created for a run that cannot start
 
 
+def test_max_minutes_stops_with_a_checkpoint_and_resume_goes_on(tmp_path, small_videos, vae_file, capsys, one_thread):
+    data = data_dir(tmp_path, small_videos, ["bikes8.mp4"])
+    out = tmp_path / "out"
+    common = ["--data", data, "--out", out, "--vae", vae_file, *TINY, "--max-steps", "50", "--save-every", "0"]
+    assert run_train([*common, "--max-minutes", "0.0001"]) == 0          # 6 ms: the first step is already late
+    assert "--max-minutes 0.0001 reached" in capsys.readouterr().err
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert records[-1]["done"] and records[-1]["step"] == 1 and (out / "checkpoint-0000001").is_dir()
+    assert run_train([*common, "--max-steps", "3", "--resume", out]) == 0
+    assert losses(out)[-1] is not None and len(losses(out)) == 3
+
+
 def test_guide_case_weights_bad_values_and_old_checkpoints(tmp_path, small_videos, vae_file, capsys, one_thread):
     common = ["--data", str(small_videos), "--vae", str(vae_file), *TINY]
     for bad in (["-1", "1", "1"], ["0", "0", "0"]):
