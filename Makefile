@@ -27,7 +27,7 @@ PIP = $(PYTHON) -m pip install -q --disable-pip-version-check
 OUT ?= out
 VIDEO_CACHE ?= $(HOME)/.cache/m3ddm/real_videos
 
-.PHONY: install install-test test test-fast sample train eval bench bench-gpu bench-fullsize convert videos demo-weights clean python
+.PHONY: install install-test test test-fast sample train eval bench bench-gpu bench-fullsize convert videos demo-weights demo-weights-gpu clean python
 
 # the project-local virtual environment (only when no PYTHON / active environment was given)
 $(VENV)/bin/python:
@@ -154,6 +154,32 @@ demo-weights: install
 		--vae-command "python3 train.py $(strip $(DEMO_VAE_ARGS)) (then python3 -m m3ddm.demo rescale)" \
 		--unet-command "python3 train.py $(strip $(DEMO_UNET_ARGS)) (then python3 train.py $(strip $(DEMO_TUNE_ARGS)), then python3 train.py $(strip $(DEMO_NOGUIDE_ARGS)))" \
 		--wall-s $$(( $$(date +%s) - $$(cat $(DEMO)/started_at) ))
+
+# issue 16 item 4, prepared for a GPU machine: the demo recipe (v-prediction, M3DDM+ masks with 70 % guide-free
+# clips, condition dropout, EMA) for the wider `demo_gpu` UNet from scratch, 8 clips per step in bf16, stopped with a
+# checkpoint after DEMO_GPU_MINUTES; every checkpoint is scored on the held-out clips and the best one's EMA weights
+# are copied to $(OUT)/demo_gpu_unet.safetensors. Needs $(DEMO)/data and $(DEMO)/vae_scaled.safetensors from
+# `make demo-weights` (carry them to the machine; `cp -rL` the data: it is links into the caches).
+DEMO_GPU_MINUTES ?= 10
+DEMO_GPU_CONFIG ?= demo_gpu
+DEMO_GPU_DEVICE ?= cuda
+DEMO_GPU_PRECISION ?= bf16
+DEMO_GPU_BATCH ?= 8
+DEMO_GPU_SIZE ?= 128
+DEMO_GPU_ARGS = --target unet --config $(DEMO_GPU_CONFIG) --prediction-type v_prediction \
+	--vae $(DEMO)/vae_scaled.safetensors --out $(DEMO)/unet_gpu --data $(DEMO)/data --num-workers 4 --cache-videos \
+	--decode-short-side 144 --seed 0 --log-every 25 --size $(DEMO_GPU_SIZE) --frames 16 --global-frames 8 \
+	--max-stride 15 --batch-size $(DEMO_GPU_BATCH) --max-steps 1000000 --max-minutes $(DEMO_GPU_MINUTES) --lr 3e-4 \
+	--warmup-steps 100 --crop-scale 0.5 1.0 --mask-strategy m3ddm_plus --guide-case-weights 0.7 0.15 0.15 \
+	--p-uncond-local 0.1 --p-uncond-global 0.1 --ema 0.995 --save-every 250 --keep-checkpoints 0 \
+	--eval-videos $(DEMO)/data/val --eval-steps 20 --eval-frames 16 --device $(DEMO_GPU_DEVICE) \
+	--precision $(DEMO_GPU_PRECISION)
+
+demo-weights-gpu: install
+	$(DEMO_ENV) $(PYTHON) train.py $(DEMO_GPU_ARGS) $(call demo_resume,$(DEMO)/unet_gpu)
+	mkdir -p $(OUT) && cp "$$($(PYTHON) -m m3ddm.demo best $(DEMO)/unet_gpu)" $(OUT)/demo_gpu_unet.safetensors
+	cp $(DEMO)/unet_gpu/metrics.jsonl $(OUT)/demo_gpu_metrics.jsonl
+	@echo $(OUT)/demo_gpu_unet.safetensors
 
 clean:
 	rm -rf .pytest_cache build *.egg-info    # the environment stays: `rm -rf .venv` to remake it

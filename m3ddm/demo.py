@@ -442,6 +442,8 @@ def main(argv=None):
     for name in ("vae", "vae-run", "unet-run", "data", "assets", "vae-command", "unet-command", "wall-s"):
         e.add_argument(f"--{name}", required=True)
     e.add_argument("--data-sums", help="tests/demo_data.sha256: the photographs' names and sha256")
+    b = sub.add_parser("best", help="print the weights file of a run's best evaluated checkpoint")
+    b.add_argument("run")
     v = sub.add_parser("preview")
     for name in ("truth", "source", "output", "png"):
         v.add_argument(name)
@@ -457,6 +459,8 @@ def main(argv=None):
             synth(a.photos, a.out, a.frames, a.seed)
         elif a.cmd == "vae-l1":
             print(json.dumps(vae_l1(a.vae, a.videos, a.size, a.frames)))
+        elif a.cmd == "best":
+            print(best_checkpoint(a.run)[0])
         elif a.cmd == "preview":
             preview(a.truth, a.source, a.output, a.png, a.frames, a.width)
         elif a.cmd == "rescale":

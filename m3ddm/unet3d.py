@@ -87,6 +87,8 @@ UNET_PRESETS = {
     "small": UNet3DConfig(block_out_channels=(64, 128, 256, 256)),  # the CPU benchmark, 54.4 M
     "demo": UNet3DConfig(block_out_channels=(32, 64, 128, 128), layers_per_block=1, norm_num_groups=16,
                          attention_head_dim=4),  # the bundled demo model, 9.84 M
+    "demo_gpu": UNet3DConfig(block_out_channels=(40, 80, 160, 160), layers_per_block=1, norm_num_groups=8,
+                             attention_head_dim=4),  # make demo-weights-gpu, 14.9 M (29.8 MB in fp16)
 }
 
 
@@ -95,7 +97,8 @@ def list_presets():
     return {"full": "released M3DDM/M3DDM+ architecture, widths (320, 640, 1280, 1280), 1.30 B parameters",
             "tiny": "test-fixture architecture, widths (16, 16, 16, 32), 8 norm groups, 1.32 M parameters",
             "small": "CPU-benchmark architecture, widths (64, 128, 256, 256), 54.4 M parameters",
-            "demo": "the bundled demo model, widths (32, 64, 128, 128), 1 layer per block, 16 groups, 4 heads, 9.84 M"}
+            "demo": "the bundled demo model, widths (32, 64, 128, 128), 1 layer per block, 16 groups, 4 heads, 9.84 M",
+            "demo_gpu": "make demo-weights-gpu: widths (40, 80, 160, 160), 1 layer per block, 8 groups, 4 heads, 14.9 M"}
 
 
 # ----------------------------------------------------------------------------------------------------

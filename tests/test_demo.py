@@ -226,3 +226,30 @@ def test_rescale_is_exact_and_gives_unit_std_posterior_samples(tmp_path):
         after = vae.decode(vae.encode(x).mean)
     assert torch.allclose(before, after, atol=1e-4)
     assert torch.allclose(demo.latent_std(vae, [clip]) * LATENT_SCALE, torch.ones(4), atol=1e-4)
+
+
+from test_data import small_videos  # noqa: E402,F401  (a fixture)
+
+
+def test_demo_weights_gpu_target_runs_on_cpu_tiny(tmp_path, small_videos, tiny_weight_files):
+    """make demo-weights-gpu (prepared for a GPU; none was lent) end to end on the CPU with the tiny config:
+    a time-limited v-prediction run, every checkpoint evaluated, the best EMA weights copied to OUT."""
+    import os
+    import shutil
+    import subprocess
+    demo_dir, out = tmp_path / "demo", tmp_path / "out"
+    for sub, names in (("train", ["bikes8.mp4", "city40.mp4"]), ("val", ["city40.mp4"])):
+        (demo_dir / "data" / sub).mkdir(parents=True)
+        for n in names:
+            os.symlink(small_videos / n, demo_dir / "data" / sub / n)
+    shutil.copy(tiny_weight_files[3], demo_dir / "vae_scaled.safetensors")
+    r = subprocess.run(["make", "-s", "-C", str(ROOT), "demo-weights-gpu", f"PYTHON={sys.executable}", f"DEMO={demo_dir}",
+                        f"OUT={out}", "DEMO_GPU_CONFIG=tiny", "DEMO_GPU_DEVICE=cpu", "DEMO_GPU_PRECISION=fp32",
+                        "DEMO_GPU_BATCH=1", "DEMO_GPU_SIZE=64", "DEMO_GPU_MINUTES=0.01"],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    unet = load_unet(out / "demo_gpu_unet.safetensors")
+    assert unet.config.prediction_type == "v_prediction"
+    records = [json.loads(line) for line in open(out / "demo_gpu_metrics.jsonl")]
+    assert any("eval" in rec for rec in records) and records[-1]["done"]
+    assert "--max-minutes 0.01 reached" in r.stderr
