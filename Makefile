@@ -72,7 +72,8 @@ videos:
 DEMO_CLIP = m3ddm/assets/kivy_city_4x3.mp4
 DEMO_TRUTH = m3ddm/assets/kivy_city_16x9_truth.mp4
 # --overwrite: a SAMPLE_ARGS change replaces the demo's earlier output (the same arguments skip it: it is done)
-DEMO_SAMPLE_ARGS = --ratio 16:9 --size 128 --scheduler ddim --steps 20 --global-frames 8 --out $(OUT)/sample --overwrite
+DEMO_SAMPLE_ARGS = --ratio 16:9 --size 128 --scheduler ddim --steps 20 --global-frames 8 --guidance-local 1 --guidance-global 1 \
+	--out $(OUT)/sample --overwrite
 
 sample: install
 	@start=$$(date +%s); $(DEMO_ENV) $(PYTHON) sample.py $(DEMO_CLIP) $(DEMO_SAMPLE_ARGS) --truth $(DEMO_TRUTH) \

@@ -60,6 +60,11 @@ def test_demo_weights_metadata(path, kind):
     assert not HELD_OUT & {d["name"] for d in data}
     assert all(len(d["sha256"]) == 64 for d in data + held_out)
     assert "not the official M3DDM+" in meta["demo"]
+    if kind == "unet":   # the best evaluated checkpoint, v-prediction (README "Demo model")
+        assert config["prediction_type"] == "v_prediction" and int(meta["selected_step"]) > 0
+        assert json.loads(meta["selected_eval"])["psnr_band"] > 0
+    else:
+        assert json.loads(meta["held_out_l1"])["mean"] > 0
 
 
 def test_demo_weights_load():
