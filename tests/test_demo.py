@@ -42,9 +42,14 @@ def test_demo_assets_total_size():
 
 @pytest.mark.parametrize("path", [DEMO_VAE, DEMO_UNET], ids=["vae", "unet"])
 def test_demo_weights_are_fp16(path):
+    from m3ddm.weights import batchnorm_names
     with safe_open(str(path), "pt") as f:
-        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+        keys = list(f.keys())
+        fp32_kept = batchnorm_names(keys)           # the global encoder's BatchNorms stay fp32 in fp16 files
+        dtypes = {f.get_slice(k).get_dtype() for k in keys if k not in fp32_kept}
+        kept = {f.get_slice(k).get_dtype() for k in fp32_kept}
     assert "F16" in dtypes and not dtypes & {"F32", "F64", "BF16"}, dtypes  # integer buffers stay integer
+    assert kept <= {"F32", "I64"}, kept
 
 
 @pytest.mark.parametrize("path,kind", [(DEMO_VAE, "vae"), (DEMO_UNET, "unet")], ids=["vae", "unet"])
