@@ -139,6 +139,9 @@ def fill_baseline(inp, cut, axis):
     return canvas.border_fill(pad_baseline(inp, cut, axis, "black"), band)
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 class ModelMethod:
     """M3DDM+ through the same whole-video pipeline as sample.py (m3ddm.pipeline.outpaint_frames).
 
@@ -149,10 +152,13 @@ class ModelMethod:
 
     def __init__(self, args):
         self.device = torch.device(args.device)
-        self.unet = weights.load_unet(args.unet, self.device)
-        self.vae = weights.load_vae(args.vae, self.device)
+        dtype = DTYPES[args.dtype]
+        self.unet = weights.load_unet(args.unet, self.device, dtype)
+        self.vae = weights.load_vae(args.vae, self.device, dtype)
         self.options = pipeline.OutpaintOptions(size=args.size, steps=args.steps, seed=args.seed,
-                                                scheduler=args.scheduler).check()
+                                                scheduler=args.scheduler, start_timestep=args.start_timestep,
+                                                guidance_local=args.guidance_local,
+                                                guidance_global=args.guidance_global).check()
 
     def provenance(self, args):
         """How the model rows were made: weights (path, sha256), sampler options, device, dtype, m3ddm version."""
@@ -325,8 +331,15 @@ def build_parser():
     p.add_argument("--steps", type=int, default=50, help="sampler steps for the model (default 50)")
     p.add_argument("--scheduler", choices=SCHEDULERS, default="pndm",
                    help="sampler for the model (default pndm, as the reference), as sample.py")
+    p.add_argument("--start-timestep", type=int, default=None, help="ddim/dpm++: as sample.py's (default: the "
+                   "scheduler's own grid)")
+    p.add_argument("--guidance-local", type=float, default=2.0, help="as sample.py's (default 2)")
+    p.add_argument("--guidance-global", type=float, default=4.0, help="as sample.py's (default 4)")
     p.add_argument("--seed", type=int, default=6, help="sampler seed for the model (default 6, as the reference)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                   help="model precision (default fp32 on every device, so that scores do not depend on it; "
+                        "sample.py takes bf16 on CUDA)")
     p.add_argument("--lpips", default=DEFAULT_LPIPS,
                    help="m3ddm LPIPS weights from `weights_convert.py lpips` (skipped if the default is absent)")
     p.add_argument("--i3d", help="i3d_torchscript.pt for FVD (FVD is skipped without it)")

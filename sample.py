@@ -7,7 +7,8 @@
 
 One mp4 per input and ratio (<stem>_<a>-<b>.mp4, the source's frame times and audio; a still image
 .png/.jpg gives <stem>_<a>-<b>.png/.jpg), plus <stem>.json (run record) and <stem>_preview.png beside it;
-<stem> is the name up to its first dot (take.2.mp4 -> take_16-9.mp4).
+<stem> is the name up to its first dot (take.2.mp4 -> take_16-9.mp4). With --truth VIDEO (the uncropped
+shot of a single input, one ratio) the preview shows ground truth | input | output instead.
 Progress on stderr, output paths on stdout. A rerun skips the videos whose outputs were made with the same
 settings and weights, continues the unfinished ones from their work folder (<stem>.m3ddm-work/), and
 replaces outputs made otherwise only with --overwrite. Under torchrun each rank takes cuda:LOCAL_RANK (or
@@ -56,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-resolution", action="store_true", help="output at the source's resolution: source pixels untouched, border upscaled")
     p.add_argument("--vae-sample", action="store_true", help="sample the VAE posterior (seeded) instead of taking its mean")
     p.add_argument("--plain", action="store_true", help="reference-shaped slow path: 4 guidance branches, math attention, fp32")
+    p.add_argument("--truth", default=None, metavar="VIDEO",
+                   help="ground-truth video of the (single) input: the preview becomes truth | input | output")
     p.add_argument("--overwrite", action="store_true", help="replace outputs (and discard unfinished work folders) "
                    "made with other settings; without it they are refused")
     return p
@@ -165,6 +168,10 @@ def run(args) -> int:
     ratios = parse_ratios(args.ratio)
     options = options_from_args(args)
     videos = find_videos(args.inputs)
+    from m3ddm import UserError
+    if args.truth is not None and (len(videos) != 1 or len(ratios) != 1 or not Path(args.truth).is_file()):
+        raise UserError(f"--truth {args.truth} needs an existing video and exactly one input and one --ratio "
+                        f"(got {len(videos)} input(s), {len(ratios)} ratio(s)); check the path or split the run.")
     weights = {"unet": weights_path(args.unet, DEFAULT_UNET, "UNet"), "vae": weights_path(args.vae, DEFAULT_VAE, "VAE")}
     from m3ddm.weights import check_kind
     check_kind(weights["unet"], "unet"), check_kind(weights["vae"], "vae")  # both, from the headers, before loading either
@@ -275,6 +282,10 @@ class Sampling:
             show(f"done already: {Path(record['record']).name} matches these settings and weights; skipped")
         for ratio, note in record["skipped_ratios"].items():
             show(f"note: {ratio} skipped: {note}")
+        if self.args.truth is not None and record["status"] != "skipped":
+            from m3ddm.demo import preview
+            for output in record["outputs"].values():
+                preview(self.args.truth, video, output, record["preview"], quiet=True)
         if self.world.size == 1:
             for path in record["outputs"].values():
                 print(path, flush=True)

@@ -14,11 +14,13 @@ frame (never padded copies of the last frame); global frames can be masked so th
 generate (--mask-global-frames all, the default); both classifier-free-guidance conditions can be dropped.
 """
 import argparse
+import dataclasses
 import json
 import math
 import os
 import subprocess
 import sys
+import time
 from contextlib import nullcontext
 from dataclasses import fields
 from pathlib import Path
@@ -29,12 +31,11 @@ import torch.nn.functional as F
 
 from m3ddm import distributed
 from m3ddm import masks as M
-from m3ddm import video
 from m3ddm.data import TRAIN_STREAM, VAL_STREAM, ClipDataset, ClipSpec, clip_loader, list_videos, split_videos
 from m3ddm.errors import UserError
 from m3ddm.schedulers import NUM_TRAIN_TIMESTEPS, add_noise, alphas_cumprod
-from m3ddm.training import EMA, STATE_FILE, RunLog, latest_checkpoint, load_state, save_checkpoint, weights_filename
-from m3ddm.unet3d import UNET_PRESETS, UNet3D, UNet3DConfig
+from m3ddm.training import EMA, RunLog, out_of_time, write_sample, latest_checkpoint, load_state, save_checkpoint, weights_filename
+from m3ddm.unet3d import PREDICTION_TYPES, UNET_PRESETS, UNet3D, UNet3DConfig
 from m3ddm.vae import VAE_PRESETS, AutoencoderKL, VAEConfig
 from m3ddm.weights import config_from, load_unet, load_vae, read_header, sha256_file
 
@@ -45,7 +46,13 @@ from m3ddm.weights import config_from, load_unet, load_vae, read_header, sha256_
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train or fine-tune the M3DDM+ UNet (or a small VAE) on videos.")
-    a = p.add_argument
+    for add_options in (model_and_data_options, run_options):
+        add_options(p.add_argument)
+    return p.parse_args(argv)
+
+
+def model_and_data_options(a):
+    """What is trained, from what, how long and how hard, on which clips and masks."""
     a("--data", required=True, help="folder of videos (recursive); its train/ and val/ subfolders are the splits")
     a("--out", required=True, help="output folder: unet.safetensors, checkpoint-*/, metrics.jsonl")
     a("--target", choices=("unet", "vae"), default="unet", help="what to train (default unet)")
@@ -55,11 +62,16 @@ def parse_args(argv=None):
     a("--vae-config", default="tiny", help="--target vae: architecture trained from scratch, tiny|sd15|FILE.json")
     a("--resume", help="continue a run exactly from a checkpoint folder or from the --out folder of a run")
     a("--max-steps", type=int, default=1000, help="optimizer steps in total (default 1000)")
+    a("--max-minutes", type=float, default=0.0,
+      help="stop earlier, with a checkpoint, once this process has trained this long (0 = no limit; default 0)")
     a("--batch-size", type=int, default=1, help="clips per micro-batch per process (default 1)")
     a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
     a("--lr", type=float, default=1e-5, help="AdamW learning rate, > 0 (default 1e-5)")
     a("--weight-decay", type=float, default=0.01)
     a("--warmup-steps", type=int, default=0, help="linear warm-up, then constant (default 0)")
+    a("--prediction-type", choices=PREDICTION_TYPES,
+      help="--target unet: what the UNet learns to output, the noise (epsilon, the reference) or v (v_prediction, "
+           "which a small model learns far better at high noise); default: that of --config or --init")
     a("--grad-clip", type=float, default=1.0, help="max gradient norm, 0 = off (default 1.0)")
     a("--size", type=int, default=128, help="square training resolution in pixels, a multiple of 64 (default 128)")
     a("--frames", type=int, default=16, help="frames per clip, at least 2 (default 16)")
@@ -68,12 +80,20 @@ def parse_args(argv=None):
     a("--crop", choices=("random", "center"), default="random", help="a random resized crop of the clip (default)")
     a("--crop-scale", type=float, nargs=2, default=(0.08, 1.0), metavar=("MIN", "MAX"))
     a("--mask-strategy", choices=M.MASK_STRATEGIES, default="m3ddm_plus")
+    a("--guide-case-weights", type=float, nargs=3, default=M.MaskSpec().guide_case_weights,
+      metavar=("ALL_MASKED", "FIRST_LAST_RAW", "RANDOM_RAW"),
+      help="odds of a clip's guide-frame case: no raw frame (as a short video or a first stage meets), first and "
+           "last raw, each raw with p 0.5 (default 0.30 0.35 0.35, the M3DDM+ recipe)")
     a("--mask-global-frames", choices=M.GLOBAL_MASK_MODES, default="all",
       help="which global frames are masked like the clip (default all; the reference: overlap)")
     a("--p-uncond-local", type=float, help="P(unconditional local condition) in [0, 1]: 0 with --init, else 0.1")
     a("--p-uncond-global", type=float, help="P(zero global latents) in [0, 1]: 0 with --init, else 0.1")
     a("--recon-loss", choices=("l1", "mse"), default="l1", help="--target vae reconstruction loss")
     a("--kl-weight", type=float, default=1e-6, help="--target vae KL weight (default 1e-6)")
+
+
+def run_options(a):
+    """Device, precision, loader, logging, checkpoints, validation, samples and evaluation."""
     a("--device", default="auto", help="auto (cuda if available, with torchrun cuda:LOCAL_RANK), cpu, cuda, cuda:N")
     a("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
       help="autocast precision: auto = bf16 on CUDA, fp32 on CPU; fp16 uses a gradient scaler")
@@ -99,10 +119,10 @@ def parse_args(argv=None):
     a("--sample-steps", type=int, default=25, help="PNDM steps of those samples, at least 2 (default 25)")
     a("--eval-videos", nargs="+", metavar="VIDEO",
       help="video files or folders: run evaluate.py (--method model, crop ratio 0.25) on them after each "
-           "checkpoint into OUT/eval/step-N/ and log its PSNR/SSIM to metrics.jsonl; --target unet only")
+           "checkpoint (its EMA weights with --ema) into OUT/eval/step-N/ and log its PSNR/SSIM to "
+           "metrics.jsonl; --target unet only")
     a("--eval-steps", type=int, default=25, help="PNDM steps of that evaluation, at least 2 (default 25)")
     a("--eval-frames", type=int, default=16, help="first N frames of each evaluation video (default 16)")
-    return p.parse_args(argv)
 
 
 # the least value of each whole-number option (--size: a positive multiple of 64)
@@ -114,7 +134,7 @@ AT_LEAST = {"max_steps": 1, "batch_size": 1, "grad_accum": 1, "frames": 2, "glob
 RULES = {"lr": ("> 0", lambda v: v > 0), "weight_decay": (">= 0", lambda v: v >= 0),
          "ema": ("in [0, 1)", lambda v: 0 <= v < 1), "grad_clip": (">= 0", lambda v: v >= 0),
          "kl_weight": (">= 0", lambda v: v >= 0), "p_uncond_local": ("in [0, 1]", lambda v: 0 <= v <= 1),
-         "p_uncond_global": ("in [0, 1]", lambda v: 0 <= v <= 1)}
+         "p_uncond_global": ("in [0, 1]", lambda v: 0 <= v <= 1), "max_minutes": (">= 0", lambda v: v >= 0)}
 
 
 def check_args(args):
@@ -128,6 +148,9 @@ def check_args(args):
         value = getattr(args, name)
         if value is not None and not (math.isfinite(value) and ok(value)):
             raise UserError(f"--{name.replace('_', '-')} {value} is invalid; give a number {rule}.")
+    if min(args.guide_case_weights) < 0 or sum(args.guide_case_weights) <= 0:
+        raise UserError(f"--guide-case-weights {' '.join(map(str, args.guide_case_weights))} must be >= 0 with a "
+                        "positive sum; give e.g. 0.30 0.35 0.35.")
     if args.crop_scale[0] <= 0 or args.crop_scale[0] > args.crop_scale[1] or args.crop_scale[1] > 1:
         raise UserError(f"--crop-scale {args.crop_scale} is not 0 < MIN <= MAX <= 1; give e.g. 0.08 1.0.")
     if args.eval_videos:
@@ -155,8 +178,10 @@ def check_args(args):
 
 # args that change the data stream or the model: a resumed run must use the same ones
 RESUME_FIXED = ("target", "batch_size", "grad_accum", "size", "frames", "global_frames", "max_stride", "crop",
-                "crop_scale", "mask_strategy", "mask_global_frames", "p_uncond_local", "p_uncond_global", "seed",
+                "crop_scale", "mask_strategy", "guide_case_weights", "mask_global_frames", "p_uncond_local", "p_uncond_global", "seed",
                 "ema")
+# of those, options newer than some checkpoints: a checkpoint without them ran with these values
+ADDED_LATER = {"guide_case_weights": list(M.MaskSpec().guide_case_weights)}
 
 
 def setup_distributed(args):
@@ -217,6 +242,8 @@ def build_model(args, device, resume_dir):
             with torch.random.fork_rng(devices=[]):  # a reproducible init without touching the caller's RNG
                 torch.manual_seed(args.seed)
                 model, sources = UNet3D(config_from(args.config, UNET_PRESETS, UNet3DConfig, "--config")).to(device), []
+        if args.prediction_type is not None and resume_dir is None:
+            model.config = dataclasses.replace(model.config, prediction_type=args.prediction_type)
         model.gradient_checkpointing = args.gradient_checkpointing
         model.set_attention(args.attention)
     elif resume_dir is not None:
@@ -248,17 +275,19 @@ def black_latent(vae, size, device, dtype):
 
 
 class UNetObjective:
-    """Epsilon-MSE of the 9-channel UNet on one batch (spec pipeline.md 7, training.md 1.8)."""
+    """Epsilon-MSE of the 9-channel UNet on one batch (spec pipeline.md 7, training.md 1.8); for a
+    v-prediction model the MSE to v = sqrt(a) eps - sqrt(1 - a) x0 instead."""
 
-    def __init__(self, vae, opts, device):
-        self.vae, self.o, self.device = vae, opts, device
+    def __init__(self, vae, opts, device, prediction="epsilon"):
+        self.vae, self.o, self.device, self.prediction = vae, opts, device, prediction
         self.vae_dtype = next(vae.parameters()).dtype
         self.alphas = alphas_cumprod().to(device)
         self.black = black_latent(vae, opts.size, device, self.vae_dtype)
 
     @torch.no_grad()
     def inputs(self, batch):
-        """(x (B, 9, F, h, w), t (B,), fps (B,), global latents (B, G, 4, h, w), target noise (B, 4, F, h, w))."""
+        """(x (B, 9, F, h, w), t (B,), fps (B,), global latents (B, G, 4, h, w), target (B, 4, F, h, w): the
+        noise, or v)."""
         o, dev = self.o, self.device
         xs, ts, noises, globs = [], [], [], []
         for i in range(batch["clip"].shape[0]):
@@ -280,7 +309,10 @@ class UNetObjective:
             noise = torch.randn(x0.shape, generator=g).to(dev)  # (F, 4, h, w)
             x_t = add_noise(x0[None], noise[None], t, self.alphas)[0]
             xs.append(torch.cat([x_t, cond, mask[:, None]], dim=1).transpose(0, 1))  # (9, F, h, w)
-            noises.append(noise.transpose(0, 1))  # (4, F, h, w)
+            if self.prediction == "v_prediction":
+                a = self.alphas[t]
+                noise = a.sqrt() * noise - (1 - a).sqrt() * x0
+            noises.append(noise.transpose(0, 1))  # (4, F, h, w): the target
             ts.append(t)
             globs.append(glob)
         # G == 0 stays a (B, 0, 4, h, w) tensor: the UNet's "no global condition"
@@ -336,7 +368,7 @@ def build_objective(args, model, device, precision, sources):
         raise UserError(f"--vae {args.vae} downsamples by {vae.factor}, the UNet needs a factor-8 VAE; "
                         "give an SD-1.5-shaped VAE.")
     sources = sources + [{"name": os.path.basename(args.vae), "sha256": sha256_file(args.vae)}]
-    return UNetObjective(vae, args, device), model, vae, sources
+    return UNetObjective(vae, args, device, model.config.prediction_type), model, vae, sources
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -424,34 +456,6 @@ def run_validation(model, objective, val_loader, autocast):
     return sum(losses) / max(len(losses), 1)
 
 
-@torch.no_grad()
-def write_sample(path, unet, vae, item, args, device):
-    """Outpaint one fixed clip with the live UNet (PNDM, --sample-steps, guidance 2 / 4, guides none) and write
-    [masked input | output | ground truth] side by side as an mp4 (temporary name, then rename)."""
-    from m3ddm.sampler import assemble_conditioning, clip_noise, denoise_clip, encode_global_context
-    from m3ddm.schedulers import PNDMScheduler
-    was_training = unet.training
-    unet.eval()
-    dtype = next(vae.parameters()).dtype
-    f = args.frames
-    cond_px = item["clip"] * (1 - item["mask"][0][None, None]) - item["mask"][0][None, None]  # one mask, no guides
-    z = vae.encode_latents(torch.cat([cond_px, item["global"]]).to(device, dtype), batch=args.vae_batch).float()
-    masked = z[:f].transpose(0, 1)[None]  # (1, 4, F, h, w)
-    black = black_latent(vae, args.size, device, dtype)[None]  # (1, 4, h, w)
-    conditioning = assemble_conditioning(masked, black, M.latent_mask(item["mask"][0]).to(device), [None] * f)
-    context = encode_global_context(unet, z[f:])
-    noise = clip_noise(args.seed, masked.shape, device)
-    latents = denoise_clip(unet, PNDMScheduler(args.sample_steps), masked, noise, conditioning, context,
-                           item["fps"], guidance_local=2.0, guidance_global=4.0 if args.global_frames else 1.0)
-    out = vae.decode_latents(latents[0].transpose(0, 1).to(dtype), batch=args.vae_batch).float().cpu()
-    panels = torch.cat([cond_px, out, item["clip"]], dim=3)  # (F, 3, S, 3S)
-    frames = ((panels.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with video.VideoWriter(path, frames.shape[2], frames.shape[1], 8) as writer:
-        writer.write(frames)
-    unet.train(was_training)
-
-
 def train(args):
     check_args(args)
     rank, world, device = setup_distributed(args)
@@ -475,14 +479,17 @@ def train(args):
             path = save_checkpoint(out, opt.step, args.target, model.state_dict(), config,
                                    trainer_state(opt, args, world, skipped), meta, opt.ema, args.keep_checkpoints)
             log.message(f"checkpoint {path}")
-            if args.eval_videos and args.target == "unet":
-                result = run_evaluation(args, path / weights_filename(args.target), opt.step, device, log)
+            if args.eval_videos and args.target == "unet":   # the EMA weights when there are any: what ships
+                name = weights_filename(args.target)
+                if opt.ema is not None:
+                    name = name.replace(".safetensors", "_ema.safetensors")
+                result = run_evaluation(args, path / name, opt.step, device, log)
                 if result is not None:
-                    log.record(step=opt.step, eval=result)
+                    log.record(step=opt.step, eval=result, eval_weights=name)
         if world > 1:
             dist.barrier()
 
-    batches = iter(loader)
+    batches, started = iter(loader), time.monotonic()
     while opt.step < args.max_steps:
         loss, grad_norm, lr, clips = train_step(train_model, objective, batches, opt, args, world, autocast, log,
                                                 skipped)
@@ -494,6 +501,9 @@ def train(args):
         if args.sample_every and step % args.sample_every == 0 and sample_item is not None:
             with autocast:  # the fp32 training model samples in the training precision (bf16 on CUDA)
                 write_sample(out / "samples" / f"step-{step:07d}.mp4", model, vae, sample_item, args, device)
+        if out_of_time(args.max_minutes, started, world, device):
+            log.message(f"step {step}: --max-minutes {args.max_minutes:g} reached; stopping with a checkpoint")
+            break
         if step < args.max_steps and args.save_every and step % args.save_every == 0:
             checkpoint()
     checkpoint()
@@ -513,7 +523,7 @@ def load_resume(args):
     resume_dir = latest_checkpoint(args.resume) if args.resume else None
     state = load_state(resume_dir) if resume_dir else None
     changed = [k for k in RESUME_FIXED if state and getattr(args, k) is not None
-               and json.dumps(state["args"].get(k)) != json.dumps(getattr(args, k))]
+               and json.dumps(state["args"].get(k, ADDED_LATER.get(k))) != json.dumps(getattr(args, k))]
     if changed:
         raise UserError(f"--resume: {', '.join('--' + k.replace('_', '-') for k in changed)} differ from the "
                         "checkpoint's run; give the same values to continue it exactly.")

@@ -45,6 +45,7 @@ class ClipSpec:
     crop: str = "random"                 # "random" (resized crop shared by the clip's frames) or "center"
     crop_scale: tuple = (0.08, 1.0)
     mask_strategy: str = "m3ddm_plus"
+    guide_case_weights: tuple = M.MaskSpec().guide_case_weights   # all masked / first and last raw / random raw
     mask_global_frames: str = "all"
     p_uncond_local: float = 0.0
     p_uncond_global: float = 0.0
@@ -285,7 +286,8 @@ class ClipDataset(Dataset):
         else:
             box = center_square_box(height, width)
         clip = crop_resize(frames[[where[i] for i in clip_idx]], box, o.size)  # (F, 3, S, S)
-        masks = M.sample_clip_masks(o.frames, o.size, o.size, g, o.mask_strategy)
+        masks = M.sample_clip_masks(o.frames, o.size, o.size, g, o.mask_strategy,
+                                    M.MaskSpec(guide_case_weights=tuple(o.guide_case_weights)))
         m = masks.masks[:, None]  # (F, 1, S, S)
         cond = clip * (1 - m) - m  # masked pixels are black (-1); guide frames stay raw
         item = {"clip": clip, "cond": cond, "mask": masks.masks, "guides": masks.guides,

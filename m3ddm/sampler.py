@@ -144,6 +144,14 @@ def encode_global_context(unet, global_latents: torch.Tensor) -> GlobalContext:
     return GlobalContext(real=real, zero=zero, latents=gl)
 
 
+def model_eps(out: torch.Tensor, x: torch.Tensor, alpha_bar: torch.Tensor, prediction: str) -> torch.Tensor:
+    """The UNet's output as the noise estimate the schedulers and guidance take. A v-prediction model's output
+    v = sqrt(a) eps - sqrt(1 - a) x0 (Salimans & Ho 2022) gives eps = sqrt(a) v + sqrt(1 - a) x_t."""
+    if prediction == "epsilon":
+        return out
+    return alpha_bar.sqrt() * out + (1 - alpha_bar).sqrt() * x
+
+
 @torch.no_grad()
 def denoise_clip(unet, scheduler, start_latents: torch.Tensor, noise: torch.Tensor,
                  conditioning: ClipConditioning, context: GlobalContext, fps,
@@ -164,6 +172,7 @@ def denoise_clip(unet, scheduler, start_latents: torch.Tensor, noise: torch.Tens
     (B, 4, F, h, w) in the order of `sampler_branches(...)`. It forces no host sync by itself.
     """
     unet_dtype = next(unet.parameters()).dtype
+    prediction = unet.config.prediction_type
     has_global = context.real is not None
     names = sampler_branches(guidance_local, guidance_global, has_global, plain)
 
@@ -191,7 +200,7 @@ def denoise_clip(unet, scheduler, start_latents: torch.Tensor, noise: torch.Tens
     for i, t in enumerate(loop):
         x_in = torch.cat([x.to(unet_dtype).expand(batch, -1, -1, -1, -1), cond_part], dim=1)  # (B, 9, F, h, w)
         out = unet(x_in, t_unet[i], fps_unet, **extra).float()         # (B, 4, F, h, w)
-        eps_by_branch = dict(zip(names, out.split(1)))
+        eps_by_branch = dict(zip(names, model_eps(out, x, alphas[t], prediction).split(1)))
         eps = combine_guidance(eps_by_branch, guidance_local, guidance_global)   # (1, 4, F, h, w)
         if isinstance(scheduler, PNDMScheduler):
             x = scheduler.step(eps, t, x)

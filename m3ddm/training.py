@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from .cli import progress_line
 from .errors import UserError
@@ -159,3 +160,47 @@ class RunLog:
     def message(self, text):
         if self.enabled:
             progress_line(text)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Time limit and sample clips
+
+
+def out_of_time(max_minutes, started, world, device) -> bool:
+    """--max-minutes passed on any rank (so that every rank stops at the same step)."""
+    if not max_minutes:
+        return False
+    late = torch.tensor(float(time.monotonic() - started > 60 * max_minutes), device=device)
+    if world > 1:
+        dist.all_reduce(late, op=dist.ReduceOp.MAX)
+    return bool(late.item())
+
+
+@torch.no_grad()
+def write_sample(path, unet, vae, item, args, device):
+    """Outpaint one fixed clip with the live UNet (PNDM, --sample-steps, guidance 2 / 4, guides none) and write
+    [masked input | output | ground truth] side by side as an mp4 (temporary name, then rename)."""
+    from .masks import latent_mask
+    from .sampler import assemble_conditioning, clip_noise, denoise_clip, encode_global_context
+    from .schedulers import PNDMScheduler
+    from .video import VideoWriter
+    was_training = unet.training
+    unet.eval()
+    dtype = next(vae.parameters()).dtype
+    f = args.frames
+    cond_px = item["clip"] * (1 - item["mask"][0][None, None]) - item["mask"][0][None, None]  # one mask, no guides
+    z = vae.encode_latents(torch.cat([cond_px, item["global"]]).to(device, dtype), batch=args.vae_batch).float()
+    masked = z[:f].transpose(0, 1)[None]  # (1, 4, F, h, w)
+    black = vae.encode_latents(torch.full((1, 3, args.size, args.size), -1.0, device=device, dtype=dtype)).float()
+    conditioning = assemble_conditioning(masked, black, latent_mask(item["mask"][0]).to(device), [None] * f)
+    context = encode_global_context(unet, z[f:])
+    noise = clip_noise(args.seed, masked.shape, device)
+    latents = denoise_clip(unet, PNDMScheduler(args.sample_steps), masked, noise, conditioning, context,
+                           item["fps"], guidance_local=2.0, guidance_global=4.0 if args.global_frames else 1.0)
+    out = vae.decode_latents(latents[0].transpose(0, 1).to(dtype), batch=args.vae_batch).float().cpu()
+    panels = torch.cat([cond_px, out, item["clip"]], dim=3)  # (F, 3, S, 3S)
+    frames = ((panels.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with VideoWriter(path, frames.shape[2], frames.shape[1], 8) as writer:
+        writer.write(frames)
+    unet.train(was_training)

@@ -22,6 +22,9 @@ DOWN_BLOCK_TYPES = ("CrossAttnDownBlock3D", "DownBlockP3D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock3D", "UpBlockP3D")
 
 
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
 @dataclass
 class UNet3DConfig:
     in_channels: int = 9                  # [noisy latents (4) | conditioning latents (4) | mask (1)]
@@ -45,6 +48,7 @@ class UNet3DConfig:
     mid_block_scale_factor: float = 1.0
     center_input_sample: bool = False
     act_fn: str = "silu"
+    prediction_type: str = "epsilon"      # what the output is: the noise (M3DDM+), or "v_prediction" (the demo)
 
     def __post_init__(self):
         self.block_out_channels = tuple(self.block_out_channels)
@@ -59,6 +63,8 @@ class UNet3DConfig:
             raise ValueError(f"expected block types in {DOWN_BLOCK_TYPES + UP_BLOCK_TYPES}, widths divisible by "
                              f"norm_num_groups and attention_head_dim, act_fn 'silu' and downsample_padding 1, "
                              f"received {bad}, {self.act_fn!r} and {self.downsample_padding}")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"expected prediction_type in {PREDICTION_TYPES}, received {self.prediction_type!r}")
 
     @property
     def time_embed_dim(self):
@@ -79,8 +85,10 @@ UNET_PRESETS = {
     "full": UNet3DConfig(),  # the released M3DDM / M3DDM+ checkpoint, 1,299,279,320 parameters
     "tiny": UNet3DConfig(block_out_channels=(16, 16, 16, 32), norm_num_groups=8),  # the test fixture, 1,322,488
     "small": UNet3DConfig(block_out_channels=(64, 128, 256, 256)),  # the CPU benchmark, 54.4 M
-    "demo": UNet3DConfig(block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=16,
-                         attention_head_dim=4),  # the bundled demo model, 3.35 M
+    "demo": UNet3DConfig(block_out_channels=(32, 64, 128, 128), layers_per_block=1, norm_num_groups=16,
+                         attention_head_dim=4),  # the bundled demo model, 9.84 M
+    "demo_gpu": UNet3DConfig(block_out_channels=(40, 80, 160, 160), layers_per_block=1, norm_num_groups=8,
+                             attention_head_dim=4),  # make demo-weights-gpu, 14.9 M (29.8 MB in fp16)
 }
 
 
@@ -89,7 +97,8 @@ def list_presets():
     return {"full": "released M3DDM/M3DDM+ architecture, widths (320, 640, 1280, 1280), 1.30 B parameters",
             "tiny": "test-fixture architecture, widths (16, 16, 16, 32), 8 norm groups, 1.32 M parameters",
             "small": "CPU-benchmark architecture, widths (64, 128, 256, 256), 54.4 M parameters",
-            "demo": "the bundled demo model, widths (32, 32, 64, 64), 1 layer per block, 16 groups, 4 heads, 3.35 M"}
+            "demo": "the bundled demo model, widths (32, 64, 128, 128), 1 layer per block, 16 groups, 4 heads, 9.84 M",
+            "demo_gpu": "make demo-weights-gpu: widths (40, 80, 160, 160), 1 layer per block, 8 groups, 4 heads, 14.9 M"}
 
 
 # ----------------------------------------------------------------------------------------------------

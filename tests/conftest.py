@@ -131,3 +131,14 @@ def tiny_weight_files(tmp_path_factory):
 def ffmpeg_exe_path() -> str:
     from m3ddm.video import ffmpeg_exe
     return ffmpeg_exe()
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: the computation a killed single-thread subprocess ran, whatever CI's thread count,
+    and on a shared 2-core machine faster than two oversubscribed threads."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

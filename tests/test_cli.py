@@ -178,3 +178,27 @@ def test_progress_lines_are_one_write_each(tty, monkeypatch):
                                  "done\n"]
     else:       # a log: whole lines, each with its newline in the same write
         assert stream.writes == ["step 1/2\n", "step 2/2\n", "error: interrupted by SIGTERM.\n", "done\n"]
+
+
+DEMO_BAD_VALUES = [
+    (["split", "/nonexistent/cache", "{tmp}/data"], "not a folder"),
+    (["synth", "/nonexistent/photos", "{tmp}/clips"], "not a folder"),
+    (["synth", "{tmp}", "{tmp}/clips", "--frames", "0"], "--frames 0"),
+    (["preview", "{clip}", "{clip}", "{clip}", "{tmp}/p.png", "--frames", "0"], "--frames 0"),
+    (["preview", "{clip}", "{clip}", "{clip}", "{tmp}/p.png", "--width", "-4"], "--width -4"),
+    (["vae-l1", "{clip}", "{clip}", "--size", "12"], "--size 12"),
+    (["rescale", "/nonexistent/vae.safetensors", "{tmp}/out.safetensors", "{tmp}"], "does not exist"),
+]
+
+
+@pytest.mark.parametrize("argv,named", DEMO_BAD_VALUES, ids=[" ".join(a[:1] + a[-2:]) for a, _ in DEMO_BAD_VALUES])
+def test_demo_bad_values_give_one_error_line(argv, named, tmp_path, capsys):
+    """python -m m3ddm.demo: each bad value is one error line naming it, exit 2, nothing written."""
+    from m3ddm import demo
+    clip = ROOT / "m3ddm" / "assets" / "kivy_city_4x3.mp4"
+    before = sorted(tmp_path.iterdir())
+    rc = demo.main([a.replace("{tmp}", str(tmp_path)).replace("{clip}", str(clip)) for a in argv])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], err
+    assert sorted(tmp_path.iterdir()) == before

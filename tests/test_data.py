@@ -142,6 +142,19 @@ def test_dataset_item_masks_crops_and_is_reproducible(small_videos):
     assert not torch.equal(item["clip"], other["clip"]) or not torch.equal(item["mask"], other["mask"])
 
 
+def test_guide_case_weights_choose_the_guide_frames(small_videos):
+    """ClipSpec.guide_case_weights (train.py --guide-case-weights): 1 0 0 gives no raw frame in any clip,
+    0 1 0 exactly the first and the last; the default is the M3DDM+ recipe's odds."""
+    assert D.ClipSpec().guide_case_weights == (0.30, 0.35, 0.35)
+    videos = [str(small_videos / "city40.mp4")]
+    none = D.ClipDataset(videos, spec(global_frames=0, guide_case_weights=(1, 0, 0)))
+    ends = D.ClipDataset(videos, spec(global_frames=0, guide_case_weights=(0, 1, 0)))
+    for i in range(6):
+        assert not none[i]["guides"].any() and none[i]["mask"].amax(dim=(1, 2)).eq(1).all()
+        g = ends[i]["guides"]
+        assert g[0] and g[-1] and not g[1:-1].any()
+
+
 def test_downscaled_decoding_without_cache(small_videos, real_videos):
     ds = D.ClipDataset([str(real_videos / "nodeopencv_motion.mov")], spec(decode_short_side=64, cache_videos=False))
     item = ds[0]

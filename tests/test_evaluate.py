@@ -273,3 +273,16 @@ def test_scheduler_device_and_provenance_of_the_model_rows(tmp_path, capsys):
     assert tuple(action.choices) == SCHEDULERS
     baselines = E.main([str(clip), "--out", str(tmp_path / "b"), "--method", "zero", "--size", "48", "--frames", "2"])
     assert baselines == 0 and json.loads((tmp_path / "b" / "summary.json").read_text())["model"] is None
+
+
+def test_model_dtype_and_guidance_are_options_and_recorded(tmp_path, capsys):
+    """evaluate.py scores in fp32 on every device unless --dtype says otherwise; summary.json records it."""
+    clip = _tiny_video(tmp_path / "clip.mp4", 4)
+    unet, vae = _model_files(tmp_path)
+    common = [str(clip), "--method", "model", "--unet", str(unet), "--vae", str(vae), "--size", "64", "--frames",
+              "4", "--crop-ratio", "0.5", "--scheduler", "ddim", "--steps", "1", "--previews", "0"]
+    assert E.main([*common, "--out", str(tmp_path / "bf16"), "--dtype", "bf16", "--guidance-local", "1.5",
+                   "--guidance-global", "1"]) == 0, capsys.readouterr().err
+    made = json.loads((tmp_path / "bf16" / "summary.json").read_text())["model"]
+    assert made["dtype"] == "bfloat16" and (made["options"]["guidance_local"], made["options"]["guidance_global"]) == (1.5, 1)
+    assert "(default fp32 on every device" in " ".join(E.build_parser().format_help().split())

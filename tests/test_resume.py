@@ -31,15 +31,6 @@ def clip60(tmp_path_factory):
     return make_clip(tmp_path_factory.mktemp("clip") / "long.mp4", "25", frames=60, size=(32, 24), audio=True)
 
 
-@pytest.fixture
-def one_thread():
-    """As the killed subprocess ran (OMP_NUM_THREADS=1): the same computation, whatever CI's thread count."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def models(tiny_weight_files):
     unet_path, vae_path = tiny_weight_files[1], tiny_weight_files[3]

@@ -4,27 +4,17 @@ import shutil
 
 import numpy as np
 import pytest
-from safetensors.torch import load_file
 
 import sample
-from conftest import FIXTURES
 from m3ddm.canvas import canvas_geometry, frames_to_canvas, frames_to_tensor, full_res_layout
-from m3ddm.unet3d import UNET_PRESETS
-from m3ddm.vae import VAE_PRESETS
 from m3ddm.video import VideoWriter, probe, read_frames_at
-from m3ddm.weights import save_model
 
 FAST = ["--size", "64", "--scheduler", "ddim", "--steps", "1"]
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    d = tmp_path_factory.mktemp("weights")
-    save_model(d / "unet.safetensors", load_file(str(FIXTURES / "unet3d_tiny" / "diffusion_pytorch_model.safetensors")),
-               "unet", UNET_PRESETS["tiny"])
-    save_model(d / "vae.safetensors", load_file(str(FIXTURES / "vae_tiny" / "diffusion_pytorch_model.safetensors")),
-               "vae", VAE_PRESETS["tiny"])
-    return ["--unet", str(d / "unet.safetensors"), "--vae", str(d / "vae.safetensors")]
+def weights(tiny_weight_files):
+    return tiny_weight_files
 
 
 def run_cli(argv, capsys):

@@ -5,10 +5,10 @@ from safetensors.torch import load_file
 
 from conftest import FIXTURES
 from m3ddm.masks import latent_mask
-from m3ddm.sampler import (ClipConditioning, assemble_conditioning, clip_noise, combine_guidance,
+from m3ddm.sampler import (ClipConditioning, GlobalContext, assemble_conditioning, clip_noise, combine_guidance,
                            denoise_clip, encode_global_context, guidance_branches,
                            sampling_timesteps)
-from m3ddm.schedulers import DDIMScheduler, PNDMScheduler
+from m3ddm.schedulers import DDIMScheduler, PNDMScheduler, alphas_cumprod
 
 
 @pytest.fixture(autouse=True)
@@ -212,3 +212,42 @@ def test_same_start_solves_converge_to_the_same_start_solution(tiny_models):
         assert err[name][0] > err[name][1] > err[name][2], err
     assert err["dpm++"][2] < err["dpm++"][0] / 6 and err["dpm++"][2] < err["ddim"][2] / 2, err
     assert min(err["dpm++ from 999"]) > 10 * err["dpm++"][2], err
+
+
+class OracleUNet(torch.nn.Module):
+    """Knows the clean latents x0: returns the exact noise of x_t (epsilon) or the exact v, per the schedule."""
+
+    def __init__(self, x0, prediction_type):
+        super().__init__()
+        self.x0, self.weight = x0, torch.nn.Parameter(torch.zeros(()))
+        self.config = type("Config", (), {"prediction_type": prediction_type})()
+        self.alphas = alphas_cumprod()
+
+    def forward(self, x_in, t, fps, context=None):
+        a = self.alphas[int(t)].double()
+        x_t = x_in[:, :4].double()
+        eps = (x_t - a.sqrt() * self.x0) / (1 - a).sqrt()
+        out = eps if self.config.prediction_type == "epsilon" else a.sqrt() * eps - (1 - a).sqrt() * self.x0
+        return out.float()
+
+
+def test_v_prediction_model_samples_as_its_epsilon_twin():
+    """A v-prediction UNet goes through the sampler as the noise estimate sqrt(a) v + sqrt(1 - a) x_t: an
+    exact-v oracle and an exact-noise oracle of the same clean latents give the same clip, for PNDM and DDIM."""
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(1, 4, 3, 4, 4, generator=g, dtype=torch.float64)
+    start, noise = torch.randn(1, 4, 3, 4, 4, generator=g), torch.randn(1, 4, 3, 4, 4, generator=g)
+    cond = assemble_conditioning(torch.zeros(1, 4, 3, 4, 4), torch.zeros(1, 4, 4, 4), torch.ones(4, 4), [None] * 3)
+    context = GlobalContext(real=None, zero=torch.zeros(1, 16, 320), latents=torch.zeros(1, 0, 4, 4, 4))
+    for scheduler in (lambda: PNDMScheduler(10), lambda: DDIMScheduler(10)):
+        out = {p: denoise_clip(OracleUNet(x0, p), scheduler(), start, noise, cond, context, 6, guidance_local=2.0)
+               for p in ("epsilon", "v_prediction")}
+        assert (out["epsilon"] - x0).abs().max() < 0.2   # denoised (the last step lands on alpha_bar[1], not 1)
+        torch.testing.assert_close(out["v_prediction"], out["epsilon"], rtol=0, atol=1e-5)
+
+
+def test_v_prediction_is_a_config_field():
+    from m3ddm.unet3d import UNET_PRESETS, UNet3DConfig
+    assert UNET_PRESETS["tiny"].prediction_type == "epsilon"   # the reference's (and every converted file's)
+    with pytest.raises(ValueError, match="prediction_type"):
+        UNet3DConfig(prediction_type="sample")

@@ -4,24 +4,14 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import FIXTURES
 from m3ddm import solver_study
 from m3ddm.schedulers import DDIMScheduler, DPMSolverPlusPlusScheduler, PNDMScheduler, make_scheduler
-from m3ddm.unet3d import UNET_PRESETS
-from m3ddm.vae import VAE_PRESETS
-from m3ddm.weights import save_model
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    d = tmp_path_factory.mktemp("weights")
-    save_model(d / "unet.safetensors", load_file(str(FIXTURES / "unet3d_tiny" / "diffusion_pytorch_model.safetensors")),
-               "unet", UNET_PRESETS["tiny"])
-    save_model(d / "vae.safetensors", load_file(str(FIXTURES / "vae_tiny" / "diffusion_pytorch_model.safetensors")),
-               "vae", VAE_PRESETS["tiny"])
-    return ["--unet", str(d / "unet.safetensors"), "--vae", str(d / "vae.safetensors")]
+def weights(tiny_weight_files):
+    return tiny_weight_files
 
 
 SMALL_SOLVERS = ("pndm", "ddim", "ddim:same_start", "dpm++", "dpm++:trailing", "dpm++:same_start")

@@ -15,6 +15,7 @@ sys.path.insert(0, str(ROOT))
 import train as T  # noqa: E402
 from m3ddm import data as D  # noqa: E402
 from m3ddm.weights import load_unet, load_vae, read_header, save_model, strict_load  # noqa: E402
+from m3ddm.schedulers import alphas_cumprod  # noqa: E402
 from test_data import small_videos  # noqa: E402,F401  (a fixture: short clips cut from the real videos)
 
 
@@ -32,15 +33,6 @@ def vae_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("vae") / "vae_tiny.safetensors"
     save_model(path, vae.state_dict(), "vae", vae.config)
     return path
-
-
-@pytest.fixture
-def one_thread():
-    """The machine is shared: a single intra-op thread is much faster than two oversubscribed ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def data_dir(tmp_path, small_videos, names, sub=None):
@@ -106,6 +98,36 @@ def test_condition_dropout_inputs(small_videos, vae_file, one_thread):
     black = obj.black[:, None].expand(4, args.frames - 1, 8, 8)
     assert torch.allclose(xd[0, 4:8, 1:], black)                     # black latents for generated frames
     assert torch.equal(xd[0, 4:8, 0], x[0, 4:8, 0])                  # the guide keeps its latent
+
+
+def test_v_prediction_target(small_videos, vae_file, one_thread):
+    """--prediction-type v_prediction: the same draws, and the target v = sqrt(a) eps - sqrt(1 - a) x0."""
+    args = make_args(vae_file)
+    vae = load_vae(vae_file).requires_grad_(False)
+    item = D.ClipDataset([str(small_videos / "city40.mp4")], T.clip_spec(args))[0]
+    batch = D.collate([dict(item, skipped=[])])
+    x, t, _, _, eps = T.UNetObjective(vae, args, torch.device("cpu")).inputs(batch)
+    xv, tv, _, _, v = T.UNetObjective(vae, args, torch.device("cpu"), "v_prediction").inputs(batch)
+    assert torch.equal(xv, x) and torch.equal(tv, t)
+    a = alphas_cumprod()[int(t)].double()
+    x_t, eps = x[:, :4].double(), eps.double()
+    x0 = (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+    torch.testing.assert_close(v.double(), a.sqrt() * eps - (1 - a).sqrt() * x0, rtol=0, atol=1e-5)
+    assert (v.double() - eps).abs().max() > 1e-3                   # a different target
+
+
+def test_prediction_type_is_saved_and_kept_on_resume(tmp_path, small_videos, vae_file, one_thread):
+    data = data_dir(tmp_path, small_videos, ["bikes8.mp4"])
+    out = tmp_path / "out"
+    common = ["--data", data, "--out", out, "--vae", vae_file, *TINY, "--save-every", "1"]
+    assert run_train([*common, "--max-steps", "1", "--prediction-type", "v_prediction"]) == 0
+    assert load_unet(out / "unet.safetensors").config.prediction_type == "v_prediction"
+    assert run_train([*common, "--max-steps", "2", "--resume", out]) == 0
+    assert load_unet(out / "unet.safetensors").config.prediction_type == "v_prediction"
+    tuned = tmp_path / "tuned"
+    assert run_train(["--data", data, "--out", tuned, "--vae", vae_file, *TINY[2:], "--init", out / "unet.safetensors",
+                      "--max-steps", "1", "--prediction-type", "epsilon"]) == 0
+    assert load_unet(tuned / "unet.safetensors").config.prediction_type == "epsilon"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -175,7 +197,8 @@ def test_resume_continues_exactly(tmp_path, small_videos, vae_file, one_thread):
     assert records[-1]["skipped_videos"] == 1  # the corrupt file, counted once
     kind, config, meta = read_header(split / "unet.safetensors")
     assert kind == "unet" and meta["step"] == "20"
-    state = torch.load(split / "checkpoint-0000020" / T.STATE_FILE, weights_only=True)
+    from m3ddm.training import STATE_FILE
+    state = torch.load(split / "checkpoint-0000020" / STATE_FILE, weights_only=True)
     assert state["step"] == 20
 
 
@@ -244,6 +267,24 @@ def test_eval_videos_logs_evaluate_metrics_at_each_checkpoint(tmp_path, small_vi
     assert (out / "eval" / "step-0000001" / "summary.json").is_file()
 
 
+def test_eval_videos_scores_the_ema_weights_with_ema(tmp_path, small_videos, vae_file, real_videos, one_thread,
+                                                    monkeypatch):
+    """With --ema the checkpoint's EMA file is what evaluate.py scores (the weights one would ship)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    data = data_dir(tmp_path, small_videos, ["city40.mp4"])
+    evals = tmp_path / "eval_videos"
+    evals.mkdir()
+    os.symlink(real_videos / "pyfeat_single_face.mp4", evals / "face.mp4")
+    out = tmp_path / "out"
+    assert run_train(["--data", data, "--out", out, "--vae", vae_file, *TINY, "--frames", "4", "--max-steps", "1",
+                      "--ema", "0.5", "--eval-videos", evals, "--eval-steps", "2"]) == 0
+    (record,) = [json.loads(line) for line in open(out / "metrics.jsonl") if '"eval"' in line]
+    assert record["eval_weights"] == "unet_ema.safetensors"
+    summary = json.loads((out / "eval" / "step-0000001" / "summary.json").read_text())
+    assert summary["weights"]["unet"] == str(out / "checkpoint-0000001" / "unet_ema.safetensors")
+
+
 def test_eval_videos_failure_warns_and_training_goes_on(tmp_path, small_videos, vae_file, one_thread, capsys,
                                                        monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -293,6 +334,39 @@ def test_cli_bad_value(tmp_path, small_videos, vae_file, capsys, option, value):
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith(f"error: {option}"), err
     assert not out.exists()  # --out is never created for a run that cannot start
+
+
+def test_max_minutes_stops_with_a_checkpoint_and_resume_goes_on(tmp_path, small_videos, vae_file, capsys, one_thread):
+    data = data_dir(tmp_path, small_videos, ["bikes8.mp4"])
+    out = tmp_path / "out"
+    common = ["--data", data, "--out", out, "--vae", vae_file, *TINY, "--max-steps", "50", "--save-every", "0"]
+    assert run_train([*common, "--max-minutes", "0.0001"]) == 0          # 6 ms: the first step is already late
+    assert "--max-minutes 0.0001 reached" in capsys.readouterr().err
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert records[-1]["done"] and records[-1]["step"] == 1 and (out / "checkpoint-0000001").is_dir()
+    assert run_train([*common, "--max-steps", "3", "--resume", out]) == 0
+    assert losses(out)[-1] is not None and len(losses(out)) == 3
+
+
+def test_guide_case_weights_bad_values_and_old_checkpoints(tmp_path, small_videos, vae_file, capsys, one_thread):
+    common = ["--data", str(small_videos), "--vae", str(vae_file), *TINY]
+    for bad in (["-1", "1", "1"], ["0", "0", "0"]):
+        assert T.main([*common, "--out", str(tmp_path / "o"), "--guide-case-weights", *bad]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(err) == 1 and err[0].startswith("error: --guide-case-weights"), err
+    assert not (tmp_path / "o").exists()
+    # a checkpoint written before the option existed resumes with the default odds, and only with them
+    from m3ddm.training import STATE_FILE
+    data = data_dir(tmp_path, small_videos, ["bikes8.mp4"])
+    run = ["--data", data, "--out", tmp_path / "run", "--vae", vae_file, *TINY, "--save-every", "1"]
+    assert run_train([*run, "--max-steps", "1"]) == 0
+    state_file = tmp_path / "run" / "checkpoint-0000001" / STATE_FILE
+    state = torch.load(state_file, weights_only=True)
+    del state["args"]["guide_case_weights"]
+    torch.save(state, state_file)
+    assert run_train([*run, "--max-steps", "2", "--resume", tmp_path / "run", "--guide-case-weights", "1", "0", "0"]) == 2
+    assert "--guide-case-weights differ" in capsys.readouterr().err
+    assert run_train([*run, "--max-steps", "2", "--resume", tmp_path / "run"]) == 0
 
 
 def test_init_that_is_not_a_file_and_out_that_is_a_file(tmp_path, small_videos, vae_file, capsys):
