@@ -374,10 +374,11 @@ REFERENCE_START = 961
 # "fast" is chosen by `python -m m3ddm.solver_study` (README, "Fewer steps"; it prints this line): the fewest
 # DPM-Solver++ steps whose error against the same-start converged solve is no worse than PNDM-50's on every
 # clip or, when none is, whose band PSNR against PNDM-50's frames is >= 45 dB on every clip.
-# Provisional, measured on the demo model with a reduced study (1 clip, references of 481 / 240 steps): no K up
-# to 100 is as close as PNDM-50 (rel L2 3.5e-3; dpm++ 10 / 50 / 100: 2.4e-2 / 6.3e-3 / 5.4e-3), so the second
-# rule: 10 steps from t = 961, band PSNR 48.8 dB against PNDM-50's frames (from t = 999: 33.5 dB).
-QUALITY = {"reference": ("pndm", 50, None), "fast": ("dpm++", 10, 961)}
+# Provisional, measured on the bundled (v-prediction) demo model with a reduced study (kivy_cityCC0 only,
+# references of 481 / 240 steps from 961, which agree to 2.1e-3): no K up to 50 is as close as PNDM-50 (rel L2
+# 4.7e-3; dpm++ 10 / 25 / 50: 6.0e-2 / 2.6e-2 / 1.1e-2), so the second rule: 25 steps from t = 961, band PSNR
+# 45.1 dB against PNDM-50's frames (10 steps: 37.8 dB; on the previous epsilon demo model 10 steps gave 48.8).
+QUALITY = {"reference": ("pndm", 50, None), "fast": ("dpm++", 25, 961)}
 
 
 def make_scheduler(name: str, steps: int, start_timestep=None):
