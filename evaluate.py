@@ -139,9 +139,6 @@ def fill_baseline(inp, cut, axis):
     return canvas.border_fill(pad_baseline(inp, cut, axis, "black"), band)
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 class ModelMethod:
     """M3DDM+ through the same whole-video pipeline as sample.py (m3ddm.pipeline.outpaint_frames).
 
@@ -152,7 +149,7 @@ class ModelMethod:
 
     def __init__(self, args):
         self.device = torch.device(args.device)
-        dtype = DTYPES[args.dtype]
+        dtype = weights.DTYPES[args.dtype]
         self.unet = weights.load_unet(args.unet, self.device, dtype)
         self.vae = weights.load_vae(args.vae, self.device, dtype)
         self.options = pipeline.OutpaintOptions(size=args.size, steps=args.steps, seed=args.seed,
@@ -337,7 +334,7 @@ def build_parser():
     p.add_argument("--guidance-global", type=float, default=4.0, help="as sample.py's (default 4)")
     p.add_argument("--seed", type=int, default=6, help="sampler seed for the model (default 6, as the reference)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+    p.add_argument("--dtype", choices=sorted(weights.DTYPES), default="fp32",
                    help="model precision (default fp32 on every device, so that scores do not depend on it; "
                         "sample.py takes bf16 on CUDA)")
     p.add_argument("--lpips", default=DEFAULT_LPIPS,

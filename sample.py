@@ -202,8 +202,8 @@ class Sampling:
         from m3ddm.weights import load_unet, load_vae
         self.args, self.world, self.ratios, self.options, self.weights = args, world, ratios, options, weights
         self.device = world.device
-        dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-        dtype = dtypes[args.dtype] if args.dtype else (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        from m3ddm.weights import DTYPES
+        dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         if args.plain and args.dtype not in (None, "fp32"):
             say(f"note: --plain runs the reference-shaped path in fp32; --dtype {args.dtype} is not used.")
         self.dtype = torch.float32 if args.plain else dtype

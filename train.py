@@ -34,7 +34,8 @@ from m3ddm import masks as M
 from m3ddm.data import TRAIN_STREAM, VAL_STREAM, ClipDataset, ClipSpec, clip_loader, list_videos, split_videos
 from m3ddm.errors import UserError
 from m3ddm.schedulers import NUM_TRAIN_TIMESTEPS, add_noise, alphas_cumprod
-from m3ddm.training import EMA, RunLog, out_of_time, write_sample, latest_checkpoint, load_state, save_checkpoint, weights_filename
+from m3ddm.training import (EMA, RunLog, black_latent, latest_checkpoint, load_state, out_of_time, save_checkpoint,
+                            weights_filename, write_sample)
 from m3ddm.unet3d import PREDICTION_TYPES, UNET_PRESETS, UNet3D, UNet3DConfig
 from m3ddm.vae import VAE_PRESETS, AutoencoderKL, VAEConfig
 from m3ddm.weights import config_from, load_unet, load_vae, read_header, sha256_file
@@ -268,12 +269,6 @@ def wrap_model(core, args, world, device):
 # Objective
 
 
-def black_latent(vae, size, device, dtype):
-    """Latent of an all-black (-1) frame: the unconditional local condition (posterior mean)."""
-    with torch.no_grad():
-        return vae.encode_latents(-torch.ones(1, 3, size, size, device=device, dtype=dtype))[0].float()  # (4, h, w)
-
-
 class UNetObjective:
     """Epsilon-MSE of the 9-channel UNet on one batch (spec pipeline.md 7, training.md 1.8); for a
     v-prediction model the MSE to v = sqrt(a) eps - sqrt(1 - a) x0 instead."""
@@ -480,9 +475,7 @@ def train(args):
                                    trainer_state(opt, args, world, skipped), meta, opt.ema, args.keep_checkpoints)
             log.message(f"checkpoint {path}")
             if args.eval_videos and args.target == "unet":   # the EMA weights when there are any: what ships
-                name = weights_filename(args.target)
-                if opt.ema is not None:
-                    name = name.replace(".safetensors", "_ema.safetensors")
+                name = weights_filename(args.target, ema=opt.ema is not None)
                 result = run_evaluation(args, path / name, opt.step, device, log)
                 if result is not None:
                     log.record(step=opt.step, eval=result, eval_weights=name)

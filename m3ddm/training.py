@@ -48,9 +48,9 @@ class EMA:
 STATE_FILE = "trainer_state.pt"
 
 
-def weights_filename(kind: str) -> str:
-    """The model file of a checkpoint of `kind` ("unet" or "vae")."""
-    return f"{kind}.safetensors"
+def weights_filename(kind: str, ema: bool = False) -> str:
+    """The model file of a checkpoint of `kind` ("unet" or "vae"), or of its EMA weights."""
+    return f"{kind}_ema.safetensors" if ema else f"{kind}.safetensors"
 
 
 def save_checkpoint(out, step, kind, model_state, config, state, metadata, ema=None, keep=0) -> Path:
@@ -65,7 +65,7 @@ def save_checkpoint(out, step, kind, model_state, config, state, metadata, ema=N
     name = weights_filename(kind)
     save_model(tmp / name, model_state, kind, config, metadata=metadata)
     if ema is not None:
-        save_model(tmp / name.replace(".safetensors", "_ema.safetensors"), ema.shadow, kind, config,
+        save_model(tmp / weights_filename(kind, ema=True), ema.shadow, kind, config,
                    metadata={**metadata, "ema_decay": str(ema.decay)})
     torch.save(state, tmp / STATE_FILE)
     if final.exists():
@@ -176,6 +176,12 @@ def out_of_time(max_minutes, started, world, device) -> bool:
     return bool(late.item())
 
 
+def black_latent(vae, size, device, dtype):
+    """Latent of an all-black (-1) frame: the unconditional local condition (posterior mean)."""
+    with torch.no_grad():
+        return vae.encode_latents(-torch.ones(1, 3, size, size, device=device, dtype=dtype))[0].float()  # (4, h, w)
+
+
 @torch.no_grad()
 def write_sample(path, unet, vae, item, args, device):
     """Outpaint one fixed clip with the live UNet (PNDM, --sample-steps, guidance 2 / 4, guides none) and write
@@ -191,7 +197,7 @@ def write_sample(path, unet, vae, item, args, device):
     cond_px = item["clip"] * (1 - item["mask"][0][None, None]) - item["mask"][0][None, None]  # one mask, no guides
     z = vae.encode_latents(torch.cat([cond_px, item["global"]]).to(device, dtype), batch=args.vae_batch).float()
     masked = z[:f].transpose(0, 1)[None]  # (1, 4, F, h, w)
-    black = vae.encode_latents(torch.full((1, 3, args.size, args.size), -1.0, device=device, dtype=dtype)).float()
+    black = black_latent(vae, args.size, device, dtype)[None]  # (1, 4, h, w)
     conditioning = assemble_conditioning(masked, black, latent_mask(item["mask"][0]).to(device), [None] * f)
     context = encode_global_context(unet, z[f:])
     noise = clip_noise(args.seed, masked.shape, device)

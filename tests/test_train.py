@@ -44,6 +44,14 @@ def data_dir(tmp_path, small_videos, names, sub=None):
     return d
 
 
+def eval_videos_dir(tmp_path, video):
+    """A --eval-videos folder holding one link to `video`."""
+    d = tmp_path / "eval_videos"
+    d.mkdir()
+    os.symlink(video, d / video.name)
+    return d
+
+
 TINY = ["--config", "tiny", "--size", "64", "--frames", "8", "--global-frames", "2", "--num-workers", "0",
         "--cache-videos", "--log-every", "1000"]
 
@@ -251,9 +259,7 @@ def test_eval_videos_logs_evaluate_metrics_at_each_checkpoint(tmp_path, small_vi
     monkeypatch.chdir(tmp_path)  # evaluate.py looks for weights/lpips.safetensors here: none, so LPIPS is skipped
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     data = data_dir(tmp_path, small_videos, ["city40.mp4"])
-    evals = tmp_path / "eval_videos"
-    evals.mkdir()
-    os.symlink(real_videos / "pyfeat_single_face.mp4", evals / "face.mp4")
+    evals = eval_videos_dir(tmp_path, real_videos / "pyfeat_single_face.mp4")
     out = tmp_path / "out"
     assert run_train(["--data", data, "--out", out, "--vae", vae_file, *TINY, "--frames", "4", "--max-steps", "2",
                       "--save-every", "1", "--eval-videos", evals, "--eval-steps", "2"]) == 0
@@ -273,9 +279,7 @@ def test_eval_videos_scores_the_ema_weights_with_ema(tmp_path, small_videos, vae
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     data = data_dir(tmp_path, small_videos, ["city40.mp4"])
-    evals = tmp_path / "eval_videos"
-    evals.mkdir()
-    os.symlink(real_videos / "pyfeat_single_face.mp4", evals / "face.mp4")
+    evals = eval_videos_dir(tmp_path, real_videos / "pyfeat_single_face.mp4")
     out = tmp_path / "out"
     assert run_train(["--data", data, "--out", out, "--vae", vae_file, *TINY, "--frames", "4", "--max-steps", "1",
                       "--ema", "0.5", "--eval-videos", evals, "--eval-steps", "2"]) == 0
@@ -289,9 +293,7 @@ def test_eval_videos_failure_warns_and_training_goes_on(tmp_path, small_videos, 
                                                        monkeypatch):
     monkeypatch.chdir(tmp_path)
     data = data_dir(tmp_path, small_videos, ["city40.mp4"])
-    evals = tmp_path / "eval_videos"
-    evals.mkdir()
-    os.symlink(small_videos / "bikes8.mp4", evals / "bikes8.mp4")  # 8 frames < --eval-frames 16: evaluate.py fails
+    evals = eval_videos_dir(tmp_path, small_videos / "bikes8.mp4")  # 8 frames < --eval-frames 16: evaluate.py fails
     out = tmp_path / "out"
     assert run_train(["--data", data, "--out", out, "--vae", vae_file, *TINY, "--frames", "4", "--max-steps", "1",
                       "--eval-videos", evals, "--eval-steps", "2"]) == 0
