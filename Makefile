@@ -115,6 +115,13 @@ DEMO_DATA_ARGS = --data $(DEMO)/data --num-workers 1 --cache-videos --decode-sho
 DEMO_VAE_ARGS = --target vae --vae-config demo --out $(DEMO)/vae $(DEMO_DATA_ARGS) --size 64 --frames 2 \
 	--batch-size 8 --max-steps $(DEMO_VAE_STEPS) --lr 8e-4 --warmup-steps 100 --recon-loss l1 --kl-weight 1e-6 \
 	--crop-scale 0.2 1.0 --ema 0.995 --save-every 250 --keep-checkpoints 3 --val-every 250 --val-clips 8
+# then the decoder alone, from the rescaled VAE: the encoder and quant_conv are frozen, so the latents the UNet
+# trains on (and the exact rescale) do not change; crops nearer the pipeline's scale (0.2-0.6 of a frame's area)
+DEMO_DEC_STEPS ?= 2000
+DEMO_DEC_ARGS = --target vae --init $(DEMO)/vae_scaled.safetensors --freeze-encoder --out $(DEMO)/vae_dec \
+	$(subst --seed 0,--seed 4,$(DEMO_DATA_ARGS)) --size 64 --frames 2 --batch-size 8 --max-steps $(DEMO_DEC_STEPS) \
+	--lr 3e-4 --warmup-steps 50 --recon-loss l1 --kl-weight 1e-6 --crop-scale 0.2 0.6 --ema 0.995 --save-every 250 \
+	--keep-checkpoints 0 --val-every 250 --val-clips 8
 DEMO_UNET_ARGS = --target unet --config demo --vae $(DEMO)/vae_scaled.safetensors \
 	--out $(DEMO)/unet $(DEMO_DATA_ARGS) --size 128 --frames 16 --global-frames 8 --max-stride 15 --batch-size 1 \
 	--max-steps $(DEMO_UNET_STEPS) --lr 3e-4 --warmup-steps 100 --crop-scale 0.5 1.0 --mask-strategy m3ddm_plus \
@@ -130,6 +137,17 @@ DEMO_TUNE_ARGS = $(subst --config demo,--init $(DEMO)/unet/unet_ema.safetensors 
 DEMO_NOGUIDE_ARGS = $(subst --init $(DEMO)/unet/,--init $(DEMO)/unet_v/,$(subst --out $(DEMO)/unet_v ,--out \
 	$(DEMO)/unet_v2 ,$(subst --seed 1,--seed 2,$(subst --max-steps $(DEMO_TUNE_STEPS),--max-steps $(DEMO_NOGUIDE_STEPS) \
 	--guide-case-weights 0.7 0.15 0.15,$(subst --prediction-type v_prediction ,,$(DEMO_TUNE_ARGS))))))
+# then a loss that also weighs the error's frame-to-frame change (train.py --temporal-weight 1: an error the frames
+# do not share costs 3x), from the best checkpoint of the run before: the border flickered at 11x the truth's
+DEMO_TEMPORAL_STEPS ?= 1000
+DEMO_TEMPORAL_ARGS = $(subst --init $(DEMO)/unet_v/unet_ema.safetensors,--init $$($(PYTHON) -m m3ddm.demo best \
+	$(DEMO)/unet_v2),$(subst --out $(DEMO)/unet_v2 ,--out $(DEMO)/unet_t ,$(subst --seed 2,--seed 3,$(subst \
+	--max-steps $(DEMO_NOGUIDE_STEPS),--max-steps $(DEMO_TEMPORAL_STEPS) --temporal-weight 1,$(DEMO_NOGUIDE_ARGS)))))
+# then 4x that weight (an unshared error costs 9x), from that run's best checkpoint
+DEMO_TEMPORAL2_STEPS ?= 800
+DEMO_TEMPORAL2_ARGS = $(subst demo best $(DEMO)/unet_v2,demo best $(DEMO)/unet_t,$(subst --out $(DEMO)/unet_t ,--out \
+	$(DEMO)/unet_t2 ,$(subst --seed 3,--seed 4,$(subst --max-steps $(DEMO_TEMPORAL_STEPS) --temporal-weight 1,\
+	--max-steps $(DEMO_TEMPORAL2_STEPS) --temporal-weight 4,$(DEMO_TEMPORAL_ARGS)))))
 # libgomp's default busy-wait makes 2 threads ~30x slower when other processes share the 2 cores
 DEMO_ENV = OMP_WAIT_POLICY=PASSIVE
 # --resume DIR when DIR already holds a checkpoint of an interrupted run
@@ -146,14 +164,17 @@ demo-weights: install
 	$(call demo_done,$(DEMO)/vae) || $(DEMO_ENV) $(PYTHON) train.py $(DEMO_VAE_ARGS) $(call demo_resume,$(DEMO)/vae)
 	[ $(DEMO)/vae_scaled.safetensors -nt $(DEMO)/vae/vae_ema.safetensors ] || \
 		$(DEMO_ENV) $(PYTHON) -m m3ddm.demo rescale $(DEMO)/vae/vae_ema.safetensors $(DEMO)/vae_scaled.safetensors $(DEMO)/data
+	$(call demo_done,$(DEMO)/vae_dec) || $(DEMO_ENV) $(PYTHON) train.py $(DEMO_DEC_ARGS) $(call demo_resume,$(DEMO)/vae_dec)
 	$(call demo_done,$(DEMO)/unet) || $(DEMO_ENV) $(PYTHON) train.py $(DEMO_UNET_ARGS) $(call demo_resume,$(DEMO)/unet)
 	$(call demo_done,$(DEMO)/unet_v) || $(DEMO_ENV) $(PYTHON) train.py $(DEMO_TUNE_ARGS) $(call demo_resume,$(DEMO)/unet_v)
 	$(call demo_done,$(DEMO)/unet_v2) || $(DEMO_ENV) $(PYTHON) train.py $(DEMO_NOGUIDE_ARGS) $(call demo_resume,$(DEMO)/unet_v2)
-	$(DEMO_ENV) $(PYTHON) -m m3ddm.demo export --vae $(DEMO)/vae_scaled.safetensors --unet-run $(DEMO)/unet_v2 \
-		--vae-run $(DEMO)/vae --data $(DEMO)/data --assets m3ddm/assets \
+	$(call demo_done,$(DEMO)/unet_t) || $(DEMO_ENV) $(PYTHON) train.py $(DEMO_TEMPORAL_ARGS) $(call demo_resume,$(DEMO)/unet_t)
+	$(call demo_done,$(DEMO)/unet_t2) || $(DEMO_ENV) $(PYTHON) train.py $(DEMO_TEMPORAL2_ARGS) $(call demo_resume,$(DEMO)/unet_t2)
+	$(DEMO_ENV) $(PYTHON) -m m3ddm.demo export --vae $(DEMO)/vae_dec/vae_ema.safetensors --unet-run $(DEMO)/unet_t2 \
+		--vae-run $(DEMO)/vae_dec --data $(DEMO)/data --assets m3ddm/assets \
 		--data-sums tests/demo_data.sha256 \
-		--vae-command "python3 train.py $(strip $(DEMO_VAE_ARGS)) (then python3 -m m3ddm.demo rescale)" \
-		--unet-command "python3 train.py $(strip $(DEMO_UNET_ARGS)) (then python3 train.py $(strip $(DEMO_TUNE_ARGS)), then python3 train.py $(strip $(DEMO_NOGUIDE_ARGS)))" \
+		--vae-command "python3 train.py $(strip $(DEMO_VAE_ARGS)) (then python3 -m m3ddm.demo rescale, then python3 train.py $(strip $(DEMO_DEC_ARGS)))" \
+		--unet-command "python3 train.py $(strip $(DEMO_UNET_ARGS)) (then python3 train.py $(strip $(DEMO_TUNE_ARGS)), then python3 train.py $(strip $(DEMO_NOGUIDE_ARGS)), then python3 train.py $(strip $(DEMO_TEMPORAL_ARGS)), then python3 train.py $(strip $(DEMO_TEMPORAL2_ARGS)))" \
 		--wall-s $$(( $$(date +%s) - $$(cat $(DEMO)/started_at) ))
 
 # issue 16 item 4, prepared for a GPU machine: the demo recipe (v-prediction, M3DDM+ masks with 70 % guide-free
@@ -172,7 +193,7 @@ DEMO_GPU_ARGS = --target unet --config $(DEMO_GPU_CONFIG) --prediction-type v_pr
 	--decode-short-side 144 --seed 0 --log-every 25 --size $(DEMO_GPU_SIZE) --frames 16 --global-frames 8 \
 	--max-stride 15 --batch-size $(DEMO_GPU_BATCH) --max-steps 1000000 --max-minutes $(DEMO_GPU_MINUTES) --lr 3e-4 \
 	--warmup-steps 100 --crop-scale 0.5 1.0 --mask-strategy m3ddm_plus --guide-case-weights 0.7 0.15 0.15 \
-	--p-uncond-local 0.1 --p-uncond-global 0.1 --ema 0.995 --save-every 250 --keep-checkpoints 0 \
+	--temporal-weight 1 --p-uncond-local 0.1 --p-uncond-global 0.1 --ema 0.995 --save-every 250 --keep-checkpoints 0 \
 	--eval-videos $(DEMO)/data/val --eval-steps 20 --eval-frames 16 --device $(DEMO_GPU_DEVICE) \
 	--precision $(DEMO_GPU_PRECISION)
 

@@ -58,9 +58,12 @@ def model_and_data_options(a):
     a("--out", required=True, help="output folder: unet.safetensors, checkpoint-*/, metrics.jsonl")
     a("--target", choices=("unet", "vae"), default="unet", help="what to train (default unet)")
     a("--config", help="UNet architecture for training from scratch: tiny|small|full|demo or FILE.json")
-    a("--init", help="m3ddm unet file to start from (fine-tuning; its config is used)")
+    a("--init", help="m3ddm unet file (with --target vae: vae file) to start from (fine-tuning; its config is used)")
     a("--vae", help="m3ddm vae file (a converted SD-1.5 VAE for real training); required for --target unet")
     a("--vae-config", default="tiny", help="--target vae: architecture trained from scratch, tiny|sd15|FILE.json")
+    a("--freeze-encoder", action="store_true",
+      help="--target vae: train the decoder only (post_quant_conv and decoder), so the latents, and a UNet trained "
+           "on them, stay valid; with --init")
     a("--resume", help="continue a run exactly from a checkpoint folder or from the --out folder of a run")
     a("--max-steps", type=int, default=1000, help="optimizer steps in total (default 1000)")
     a("--max-minutes", type=float, default=0.0,
@@ -89,6 +92,9 @@ def model_and_data_options(a):
       help="which global frames are masked like the clip (default all; the reference: overlap)")
     a("--p-uncond-local", type=float, help="P(unconditional local condition) in [0, 1]: 0 with --init, else 0.1")
     a("--p-uncond-global", type=float, help="P(zero global latents) in [0, 1]: 0 with --init, else 0.1")
+    a("--temporal-weight", type=float, default=0.0,
+      help="--target unet: add this times the MSE of the frame-to-frame change of the error, so that errors the "
+           "frames do not share (flicker) cost more (default 0: the reference's loss)")
     a("--recon-loss", choices=("l1", "mse"), default="l1", help="--target vae reconstruction loss")
     a("--kl-weight", type=float, default=1e-6, help="--target vae KL weight (default 1e-6)")
 
@@ -135,7 +141,8 @@ AT_LEAST = {"max_steps": 1, "batch_size": 1, "grad_accum": 1, "frames": 2, "glob
 RULES = {"lr": ("> 0", lambda v: v > 0), "weight_decay": (">= 0", lambda v: v >= 0),
          "ema": ("in [0, 1)", lambda v: 0 <= v < 1), "grad_clip": (">= 0", lambda v: v >= 0),
          "kl_weight": (">= 0", lambda v: v >= 0), "p_uncond_local": ("in [0, 1]", lambda v: 0 <= v <= 1),
-         "p_uncond_global": ("in [0, 1]", lambda v: 0 <= v <= 1), "max_minutes": (">= 0", lambda v: v >= 0)}
+         "p_uncond_global": ("in [0, 1]", lambda v: 0 <= v <= 1), "max_minutes": (">= 0", lambda v: v >= 0),
+         "temporal_weight": (">= 0", lambda v: v >= 0)}
 
 
 def check_args(args):
@@ -166,6 +173,10 @@ def check_args(args):
     for flag, path in (("--vae", args.vae), ("--init", args.init)):
         if path and not Path(path).is_file():
             raise UserError(f"{flag} {path} does not exist; give an m3ddm .safetensors file.")
+    if args.temporal_weight and args.target != "unet":
+        raise UserError("--temporal-weight weights the UNet's loss; it needs --target unet.")
+    if args.freeze_encoder and not (args.target == "vae" and (args.init or args.resume)):
+        raise UserError("--freeze-encoder fine-tunes a VAE's decoder; it needs --target vae and --init VAE_FILE.")
     if args.target == "unet" and not (args.init or args.config or args.resume):
         raise UserError("give --init FILE (fine-tune converted weights) or --config tiny|small|full|demo|FILE.json "
                         "(train from scratch).")
@@ -180,9 +191,10 @@ def check_args(args):
 # args that change the data stream or the model: a resumed run must use the same ones
 RESUME_FIXED = ("target", "batch_size", "grad_accum", "size", "frames", "global_frames", "max_stride", "crop",
                 "crop_scale", "mask_strategy", "guide_case_weights", "mask_global_frames", "p_uncond_local", "p_uncond_global", "seed",
-                "ema")
+                "ema", "freeze_encoder", "temporal_weight")
 # of those, options newer than some checkpoints: a checkpoint without them ran with these values
-ADDED_LATER = {"guide_case_weights": list(M.MaskSpec().guide_case_weights)}
+ADDED_LATER = {"guide_case_weights": list(M.MaskSpec().guide_case_weights), "freeze_encoder": False,
+               "temporal_weight": 0.0}
 
 
 def setup_distributed(args):
@@ -247,14 +259,39 @@ def build_model(args, device, resume_dir):
             model.config = dataclasses.replace(model.config, prediction_type=args.prediction_type)
         model.gradient_checkpointing = args.gradient_checkpointing
         model.set_attention(args.attention)
-    elif resume_dir is not None:
+    else:
+        model, sources = build_vae(args, device, resume_dir)
+    return model.train(), model.config, sources
+
+
+def build_vae(args, device, resume_dir):
+    """The VAE to train: resumed, fine-tuned from --init (the decoder only with --freeze-encoder) or new."""
+    if resume_dir is not None:
         model, sources = load_vae(resume_dir / "vae.safetensors", device, torch.float32), []
+    elif args.init:
+        kind, _, _ = read_header(args.init)
+        if kind != "vae":
+            raise UserError(f"--init {args.init} holds a {kind}, not a vae; give an m3ddm vae file for --target vae.")
+        model = load_vae(args.init, device, torch.float32)
+        sources = [{"name": os.path.basename(args.init), "sha256": sha256_file(args.init)}]
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(args.seed)
             model = AutoencoderKL(config_from(args.vae_config, VAE_PRESETS, VAEConfig, "--vae-config")).to(device)
         sources = []
-    return model.train(), model.config, sources
+    if args.freeze_encoder:
+        model.encoder.requires_grad_(False)
+        model.quant_conv.requires_grad_(False)
+    return model, sources
+
+
+def kept_metadata(args, resume_dir):
+    """What a decoder-only fine-tune keeps of its start file's metadata: the latent rescale (`m3ddm.demo rescale`),
+    still exact while the encoder and quant_conv are frozen."""
+    start = resume_dir / "vae.safetensors" if resume_dir is not None else args.init
+    if args.target != "vae" or not args.freeze_encoder or not start:
+        return {}
+    return {k: v for k, v in read_header(start)[2].items() if k == "latent_rescale"}
 
 
 def wrap_model(core, args, world, device):
@@ -271,7 +308,9 @@ def wrap_model(core, args, world, device):
 
 class UNetObjective:
     """Epsilon-MSE of the 9-channel UNet on one batch (spec pipeline.md 7, training.md 1.8); for a
-    v-prediction model the MSE to v = sqrt(a) eps - sqrt(1 - a) x0 instead."""
+    v-prediction model the MSE to v = sqrt(a) eps - sqrt(1 - a) x0 instead. --temporal-weight w adds w times the
+    MSE of the error's frame-to-frame change: an error all frames share costs the same, one of its own costs
+    1 + 2w times as much."""
 
     def __init__(self, vae, opts, device, prediction="epsilon"):
         self.vae, self.o, self.device, self.prediction = vae, opts, device, prediction
@@ -318,7 +357,11 @@ class UNetObjective:
         x, t, fps, glob, noise = self.inputs(batch)
         with autocast:
             pred = model(x, t, fps, global_latents=glob)  # (B, 4, F, h, w)
-        return F.mse_loss(pred.float(), noise)
+        loss = F.mse_loss(pred.float(), noise)
+        if self.o.temporal_weight:  # the error's change from frame to frame: what flickers
+            error = pred.float() - noise
+            loss = loss + self.o.temporal_weight * error.diff(dim=2).pow(2).mean()
+        return loss
 
 
 class VAEWithLoss(torch.nn.Module):
@@ -376,7 +419,8 @@ class Optimisation:
     def __init__(self, model, args, device, precision, state=None):
         self.model, self.grad_clip = model, args.grad_clip
         self.ema = EMA(model, args.ema) if args.ema > 0 else None
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        trained = [p for p in model.parameters() if p.requires_grad]   # all but a frozen encoder
+        self.optimizer = torch.optim.AdamW(trained, lr=args.lr, weight_decay=args.weight_decay)
         warmup = args.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
                                                            lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
@@ -460,6 +504,7 @@ def train(args):
     precision, autocast = autocast_for(args, device)
     train_videos, val_videos = split_videos(args.data, args.val_data)
     model, config, sources = build_model(args, device, resume_dir)
+    kept = kept_metadata(args, resume_dir)
     objective, core, vae, sources = build_objective(args, model, device, precision, sources)
     opt = Optimisation(model, args, device, precision, state)
     skipped = set(state["skipped"]) if state is not None else set()
@@ -470,7 +515,7 @@ def train(args):
 
     def checkpoint():
         if is_main:
-            meta = {"sources": sources, "step": str(opt.step), "trained_by": "m3ddm train.py"}
+            meta = {"sources": sources, "step": str(opt.step), "trained_by": "m3ddm train.py", **kept}
             path = save_checkpoint(out, opt.step, args.target, model.state_dict(), config,
                                    trainer_state(opt, args, world, skipped), meta, opt.ema, args.keep_checkpoints)
             log.message(f"checkpoint {path}")

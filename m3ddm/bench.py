@@ -40,8 +40,8 @@ from .sampler import (assemble_conditioning, clip_noise, denoise_clip, encode_gl
 from .schedulers import PNDMScheduler
 from .unet3d import UNET_PRESETS, UNet3D
 from .vae import VAE_PRESETS, AutoencoderKL
+from .weights import DTYPES
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SECTIONS = ("unet", "clip", "vae", "video")
 NUM_GLOBAL = 16            # global frames of M3DDM+ (spec pipeline.md section 3)
 GUIDANCE_LOCAL, GUIDANCE_GLOBAL = 2.0, 4.0

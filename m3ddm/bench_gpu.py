@@ -36,10 +36,9 @@ from .schedulers import PNDMScheduler
 from .synthetic import randomize_
 from .unet3d import UNET_PRESETS, UNet3D
 from .vae import VAE_PRESETS, AutoencoderKL
-from .weights import cast_model
+from .weights import DTYPES, cast_model
 
 SECTIONS = ("flops", "eager", "compile", "precision", "video")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TARGET_S_PER_CLIP, TARGET_PEAK_BYTES = 2.0, 6 * 2 ** 30
 BRANCHES = 3
 CLIP_FPS = (2, 6, 30)        # fps // stride of a 30 fps video at strides 15, 5, 1: values change, shapes do not

@@ -35,9 +35,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .errors import UserError
 from .unet3d import UNET_PRESETS, UNet3D
 from .vae import VAE_PRESETS, AutoencoderKL
-from .weights import cast_model
+from .weights import DTYPES, cast_model
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BLOCK = 512                 # the CUDA caching allocator rounds every allocation up to 512 bytes
 WORKSPACE_MARGIN = 256 * 2 ** 20   # cuDNN convolution / cuBLAS workspaces (not torch tensors), a stated guess
 CLIP_FRAMES, GLOBAL_FRAMES = 16, 16

@@ -1,9 +1,11 @@
 """train.py: options, condition dropout, overfitting, exact resume, torchrun, VAE target (the data: test_data.py)."""
 import json
+import math
 import os
 import statistics
 import subprocess
 import sys
+from contextlib import nullcontext
 
 import numpy as np
 import pytest
@@ -122,6 +124,22 @@ def test_v_prediction_target(small_videos, vae_file, one_thread):
     x0 = (x_t - (1 - a).sqrt() * eps) / a.sqrt()
     torch.testing.assert_close(v.double(), a.sqrt() * eps - (1 - a).sqrt() * x0, rtol=0, atol=1e-5)
     assert (v.double() - eps).abs().max() > 1e-3                   # a different target
+
+
+def test_temporal_weight_costs_errors_the_frames_do_not_share(small_videos, vae_file, one_thread):
+    """loss = MSE + w * MSE(error[f + 1] - error[f]): an error common to all frames adds nothing, one that changes
+    from frame to frame adds w times its squared change."""
+    args = make_args(vae_file, ["--temporal-weight", "2"])
+    vae = load_vae(vae_file).requires_grad_(False)
+    item = D.ClipDataset([str(small_videos / "city40.mp4")], T.clip_spec(args))[0]
+    batch = D.collate([dict(item, skipped=[])])
+    obj = T.UNetObjective(vae, args, torch.device("cpu"))
+    target = obj.inputs(batch)[-1]
+    common = 0.1 * torch.randn(target[:, :, :1].shape, generator=torch.Generator().manual_seed(0))
+    own = 0.1 * torch.randn(target.shape, generator=torch.Generator().manual_seed(1))
+    for error, extra in ((common.expand_as(target), 0.0), (own, float(own.diff(dim=2).pow(2).mean()))):
+        loss = obj.loss(lambda *a, **k: target + error, batch, nullcontext())
+        assert math.isclose(float(loss), float(error.pow(2).mean()) + 2 * extra, rel_tol=1e-5)
 
 
 def test_prediction_type_is_saved_and_kept_on_resume(tmp_path, small_videos, vae_file, one_thread):
@@ -254,6 +272,48 @@ def test_vae_target_trains_and_saves_a_vae(tmp_path, small_videos, one_thread):
     assert len(losses(out)) == 3 and all(np.isfinite(losses(out)))
 
 
+def test_freeze_encoder_trains_the_decoder_only_and_keeps_the_rescale(tmp_path, small_videos, one_thread):
+    """--init VAE --freeze-encoder: encoder and quant_conv bit-identical (so are the latents), decoder changed, the
+    latent rescale carried into the new files; resumed, it stays frozen."""
+    from m3ddm.weights import save_model
+    data = data_dir(tmp_path, small_videos, ["city40.mp4"])
+    common = ["--data", data, "--target", "vae", "--size", "64", "--frames", "2", "--num-workers", "0",
+              "--cache-videos", "--lr", "1e-3", "--save-every", "1", "--weight-decay", "0.1"]
+    assert run_train([*common, "--out", tmp_path / "base", "--vae-config", "tiny", "--max-steps", "1"]) == 0
+    start = tmp_path / "start.safetensors"
+    base = load_vae(tmp_path / "base" / "vae.safetensors")
+    save_model(start, base.state_dict(), "vae", base.config, metadata={"latent_rescale": "[1.5, 2, 3, 4]"})
+    out = tmp_path / "dec"
+    assert run_train([*common, "--out", out, "--init", start, "--freeze-encoder", "--max-steps", "2"]) == 0
+    assert run_train([*common, "--out", out, "--init", start, "--freeze-encoder", "--max-steps", "3",
+                      "--resume", out]) == 0
+    before, after = base.state_dict(), load_vae(out / "vae.safetensors").state_dict()
+    frozen = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert all(not torch.equal(before[k], after[k]) for k in ("post_quant_conv.weight", "decoder.conv_out.weight"))
+    assert read_header(out / "vae.safetensors")[2]["latent_rescale"] == "[1.5, 2, 3, 4]"
+    assert len(losses(out)) == 3
+
+
+@pytest.mark.parametrize("extra,message", [(["--freeze-encoder"], "--freeze-encoder"),
+                                           (["--freeze-encoder", "--target", "unet", "--config", "tiny"],
+                                            "--freeze-encoder")])
+def test_freeze_encoder_needs_a_vae_to_start_from(tmp_path, small_videos, vae_file, capsys, extra, message):
+    argv = ["--data", str(small_videos), "--out", str(tmp_path / "o"), "--vae", str(vae_file), *extra]
+    if "--target" not in extra:
+        argv += ["--target", "vae"]
+    assert T.main(argv) == 2
+    assert capsys.readouterr().err.startswith(f"error: {message}")
+    assert not (tmp_path / "o").exists()
+
+
+def test_init_of_the_wrong_kind_is_refused(tmp_path, small_videos, vae_file, capsys):
+    argv = ["--data", str(small_videos), "--out", str(tmp_path / "o"), "--target", "unet", "--vae", str(vae_file),
+            "--init", str(vae_file)]
+    assert T.main(argv) == 2 and "holds a vae, not a unet" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_eval_videos_logs_evaluate_metrics_at_each_checkpoint(tmp_path, small_videos, vae_file, real_videos,
                                                              one_thread, monkeypatch):
     monkeypatch.chdir(tmp_path)  # evaluate.py looks for weights/lpips.safetensors here: none, so LPIPS is skipped
@@ -324,7 +384,7 @@ BAD_VALUES = [("--log-every", "0"), ("--device", "foo"), ("--lr", "-1"), ("--lr"
               ("--max-stride", "0"), ("--decode-short-side", "-5"), ("--warmup-steps", "-3"), ("--grad-clip", "-1"),
               ("--kl-weight", "-1"), ("--eval-steps", "1"), ("--size", "0"), ("--size", "-64"), ("--size", "96"),
               ("--frames", "1"), ("--global-frames", "-1"), ("--num-workers", "-1"), ("--vae-batch", "0"),
-              ("--p-uncond-local", "1.5"), ("--p-uncond-global", "-0.1"), ("--val-data", "/nonexistent/val"),
+              ("--p-uncond-local", "1.5"), ("--temporal-weight", "-1"), ("--p-uncond-global", "-0.1"), ("--val-data", "/nonexistent/val"),
               ("--vae", "/nonexistent/vae.safetensors"), ("--config", "nope"), ("--resume", "/nonexistent/run")]
 
 
