@@ -374,10 +374,10 @@ REFERENCE_START = 961
 # "fast" is chosen by `python -m m3ddm.solver_study` (README, "Fewer steps"; it prints this line): the fewest
 # DPM-Solver++ steps whose error against the same-start converged solve is no worse than PNDM-50's on every
 # clip or, when none is, whose band PSNR against PNDM-50's frames is >= 45 dB on every clip.
-# Provisional, measured on the bundled (v-prediction) demo model with a reduced study (kivy_cityCC0 only,
-# references of 481 / 240 steps from 961, which agree to 2.1e-3): no K up to 50 is as close as PNDM-50 (rel L2
-# 4.7e-3; dpm++ 10 / 25 / 50: 6.0e-2 / 2.6e-2 / 1.1e-2), so the second rule: 25 steps from t = 961, band PSNR
-# 45.1 dB against PNDM-50's frames (10 steps: 37.8 dB; on the previous epsilon demo model 10 steps gave 48.8).
+# Provisional, from reduced studies (kivy_cityCC0 only, same-start references that agree to 2.1e-3). On the
+# previous UNet (demo phase 4) no K up to 50 was as close as PNDM-50, so the second rule gave 25 steps from
+# t = 961 (45.1 dB band PSNR against PNDM-50's frames). On the bundled UNet (phase 6) 25 steps give 43.7 dB and the
+# rule would take 50, no fewer UNet calls than PNDM-50, so `fast` stays at 25 (README "Solvers").
 QUALITY = {"reference": ("pndm", 50, None), "fast": ("dpm++", 25, 961)}
 
 
