@@ -246,11 +246,7 @@ def build_model(args, device, resume_dir):
             path = resume_dir / "unet.safetensors"
             model, sources = load_unet(path, device, torch.float32), [{"name": str(path), "sha256": sha256_file(path)}]
         elif args.init:
-            kind, _, _ = read_header(args.init)
-            if kind != "unet":
-                raise UserError(f"--init {args.init} holds a {kind}, not a unet; give an m3ddm unet file.")
-            model = load_unet(args.init, device, torch.float32)
-            sources = [{"name": os.path.basename(args.init), "sha256": sha256_file(args.init)}]
+            model, sources = load_init(args, device)
         else:
             with torch.random.fork_rng(devices=[]):  # a reproducible init without touching the caller's RNG
                 torch.manual_seed(args.seed)
@@ -264,16 +260,21 @@ def build_model(args, device, resume_dir):
     return model.train(), model.config, sources
 
 
+def load_init(args, device):
+    """(model, sources) of --init, which must hold a model of --target's kind."""
+    kind, _, _ = read_header(args.init)
+    if kind != args.target:
+        raise UserError(f"--init {args.init} holds a {kind}, not a {args.target}; give an m3ddm {args.target} file.")
+    model = (load_unet if kind == "unet" else load_vae)(args.init, device, torch.float32)
+    return model, [{"name": os.path.basename(args.init), "sha256": sha256_file(args.init)}]
+
+
 def build_vae(args, device, resume_dir):
     """The VAE to train: resumed, fine-tuned from --init (the decoder only with --freeze-encoder) or new."""
     if resume_dir is not None:
         model, sources = load_vae(resume_dir / "vae.safetensors", device, torch.float32), []
     elif args.init:
-        kind, _, _ = read_header(args.init)
-        if kind != "vae":
-            raise UserError(f"--init {args.init} holds a {kind}, not a vae; give an m3ddm vae file for --target vae.")
-        model = load_vae(args.init, device, torch.float32)
-        sources = [{"name": os.path.basename(args.init), "sha256": sha256_file(args.init)}]
+        model, sources = load_init(args, device)
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(args.seed)

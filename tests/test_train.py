@@ -307,10 +307,13 @@ def test_freeze_encoder_needs_a_vae_to_start_from(tmp_path, small_videos, vae_fi
     assert not (tmp_path / "o").exists()
 
 
-def test_init_of_the_wrong_kind_is_refused(tmp_path, small_videos, vae_file, capsys):
+def test_init_of_the_wrong_kind_is_refused(tmp_path, small_videos, vae_file, tiny_weight_files, capsys):
     argv = ["--data", str(small_videos), "--out", str(tmp_path / "o"), "--target", "unet", "--vae", str(vae_file),
             "--init", str(vae_file)]
     assert T.main(argv) == 2 and "holds a vae, not a unet" in capsys.readouterr().err
+    unet_file = tiny_weight_files[1]
+    argv = ["--data", str(small_videos), "--out", str(tmp_path / "o"), "--target", "vae", "--init", unet_file]
+    assert T.main(argv) == 2 and "holds a unet, not a vae" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
