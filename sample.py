@@ -252,6 +252,13 @@ class Sampling:
         except UserError:
             return None, 1                        # reported by the rank that takes it
 
+    def truth_preview(self, video):
+        """With --truth: the pipeline's preview writer for truth | input | output (one input, one ratio)."""
+        if self.args.truth is None:
+            return None
+        from m3ddm.demo import preview
+        return lambda png, outputs: preview(self.args.truth, video, next(iter(outputs.values())), png, quiet=True)
+
     def one(self, i: int, videos: list, info) -> dict:
         """Outpaint video i; a failure is reported and recorded, and the run goes on (a single video in a plain
         process raises, as before)."""
@@ -267,7 +274,8 @@ class Sampling:
         try:
             record = outpaint_video(video, self.args.out, self.unet, self.vae, self.ratios, self.options,
                                     device=self.device, dtype=self.dtype, weights=self.weights, progress=show,
-                                    argv=dict(vars(self.args)), overwrite=self.args.overwrite, info=info)
+                                    argv=dict(vars(self.args)), overwrite=self.args.overwrite, info=info,
+                                    preview=self.truth_preview(video))
         except Exception as e:
             if self.world.size == 1 and n == 1:
                 raise
@@ -282,10 +290,6 @@ class Sampling:
             show(f"done already: {Path(record['record']).name} matches these settings and weights; skipped")
         for ratio, note in record["skipped_ratios"].items():
             show(f"note: {ratio} skipped: {note}")
-        if self.args.truth is not None and record["status"] != "skipped":
-            from m3ddm.demo import preview
-            for output in record["outputs"].values():
-                preview(self.args.truth, video, output, record["preview"], quiet=True)
         if self.world.size == 1:
             for path in record["outputs"].values():
                 print(path, flush=True)

@@ -73,6 +73,9 @@ def model_and_data_options(a):
     a("--lr", type=float, default=1e-5, help="AdamW learning rate, > 0 (default 1e-5)")
     a("--weight-decay", type=float, default=0.01)
     a("--warmup-steps", type=int, default=0, help="linear warm-up, then constant (default 0)")
+    a("--lr-decay", choices=("none", "cosine"), default="none",
+      help="after the warm-up: none (constant, default) or cosine (from --lr to 0 at --max-steps; a resumed run "
+           "keeps its --max-steps)")
     a("--prediction-type", choices=PREDICTION_TYPES,
       help="--target unet: what the UNet learns to output, the noise (epsilon, the reference) or v (v_prediction, "
            "which a small model learns far better at high noise); default: that of --config or --init")
@@ -191,10 +194,10 @@ def check_args(args):
 # args that change the data stream or the model: a resumed run must use the same ones
 RESUME_FIXED = ("target", "batch_size", "grad_accum", "size", "frames", "global_frames", "max_stride", "crop",
                 "crop_scale", "mask_strategy", "guide_case_weights", "mask_global_frames", "p_uncond_local", "p_uncond_global", "seed",
-                "ema", "freeze_encoder", "temporal_weight")
+                "ema", "freeze_encoder", "temporal_weight", "lr_decay")
 # of those, options newer than some checkpoints: a checkpoint without them ran with these values
 ADDED_LATER = {"guide_case_weights": list(M.MaskSpec().guide_case_weights), "freeze_encoder": False,
-               "temporal_weight": 0.0}
+               "temporal_weight": 0.0, "lr_decay": "none"}
 
 
 def setup_distributed(args):
@@ -414,6 +417,15 @@ def build_objective(args, model, device, precision, sources):
 # The loop
 
 
+def lr_factor(step, warmup, decay, total):
+    """--lr's multiplier at optimizer step `step` (0-based): linear warm-up, then 1 or a cosine to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if decay == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    return 1.0
+
+
 class Optimisation:
     """AdamW with a linear warm-up, the fp16 gradient scaler and the EMA: one optimizer step, and their state."""
 
@@ -422,9 +434,8 @@ class Optimisation:
         self.ema = EMA(model, args.ema) if args.ema > 0 else None
         trained = [p for p in model.parameters() if p.requires_grad]   # all but a frozen encoder
         self.optimizer = torch.optim.AdamW(trained, lr=args.lr, weight_decay=args.weight_decay)
-        warmup = args.warmup_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
-                                                           lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, args.warmup_steps, args.lr_decay, args.max_steps))
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
         self.step = int(state["step"]) if state is not None else 0
         if state is not None:
@@ -563,6 +574,8 @@ def load_resume(args):
     state = load_state(resume_dir) if resume_dir else None
     changed = [k for k in RESUME_FIXED if state and getattr(args, k) is not None
                and json.dumps(state["args"].get(k, ADDED_LATER.get(k))) != json.dumps(getattr(args, k))]
+    if state and args.lr_decay != "none" and state["args"].get("max_steps") != args.max_steps:
+        changed.append("max_steps")  # the cosine ends at the run's --max-steps
     if changed:
         raise UserError(f"--resume: {', '.join('--' + k.replace('_', '-') for k in changed)} differ from the "
                         "checkpoint's run; give the same values to continue it exactly.")

@@ -719,7 +719,7 @@ def remaining_clips(job: VideoJob) -> int:
 
 def outpaint_video(path, out_dir, unet, vae, ratios: Sequence[tuple], options: Optional[OutpaintOptions] = None,
                    device="cpu", dtype=None, weights: Optional[dict] = None, progress="stderr",
-                   argv: Optional[dict] = None, overwrite: bool = False, info=None) -> dict:
+                   argv: Optional[dict] = None, overwrite: bool = False, info=None, preview=None) -> dict:
     """Outpaint one video file to every ratio. Returns the run record (also written as <stem>.json) with
     "status": "made", or "skipped" when the outputs already exist and were made the same way.
 
@@ -729,6 +729,8 @@ def outpaint_video(path, out_dir, unet, vae, ratios: Sequence[tuple], options: O
     folder to the model. With weights, an interrupted run keeps `<stem>.m3ddm-work/` and the next call with
     the same settings continues it (m3ddm/resume.py). An existing output made otherwise is replaced only with
     overwrite=True. info: the input's video.VideoInfo, when already probed. progress: as outpaint_frames.
+    preview: a function (preview path, {ratio: output path}) that writes the preview instead of the built-in
+    input | output grid (sample.py --truth draws truth | input | output).
     """
     options, progress = (options or OutpaintOptions()).check(), _progress(progress)
     t_start = time.perf_counter()
@@ -740,7 +742,10 @@ def outpaint_video(path, out_dir, unet, vae, ratios: Sequence[tuple], options: O
     work = open_work_folder(job, device, overwrite)
     engine = _engine(job, unet, vae, device, dtype, progress)
     written, preview_rows, audio_notes = _write_outputs(job, engine, work)
-    write_atomic(job.preview_path, lambda tmp: _imwrite_png(tmp, _preview(preview_rows, engine.pix_mask)))
+    if preview is None:
+        write_atomic(job.preview_path, lambda tmp: _imwrite_png(tmp, _preview(preview_rows, engine.pix_mask)))
+    else:
+        preview(job.preview_path, written)
     record = _run_record(job, engine, written, audio_notes, argv, device, time.perf_counter() - t_start)
     write_atomic(job.record_path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1) + "\n"))
     if work is not None:

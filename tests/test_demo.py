@@ -199,10 +199,12 @@ def test_best_checkpoint_takes_the_highest_logged_band_psnr_on_disk(tmp_path):
         demo.best_checkpoint(run)
 
 
-def test_sample_truth_draws_truth_input_output_preview(tmp_path, capsys):
+def test_sample_truth_draws_truth_input_output_preview(tmp_path, capsys, monkeypatch):
     sys.path.insert(0, str(ROOT))
     import imageio.v3 as iio
     import sample
+    from m3ddm import pipeline
+    monkeypatch.setattr(pipeline, "_preview", None)  # with --truth the built-in preview is never drawn
     args = [str(CLIP_4X3), "--ratio", "16:9", "--size", "128", "--limit-frames", "8", "--steps", "1",
             "--scheduler", "ddim", "--global-frames", "2", "--out", str(tmp_path)]
     assert sample.main([*args, "--truth", str(CLIP_TRUTH)]) == 0
@@ -212,6 +214,8 @@ def test_sample_truth_draws_truth_input_output_preview(tmp_path, capsys):
     truth = demo.fit_panel(demo.read_frames_at(CLIP_TRUTH, [2]), width, 108)[0]  # frames at linspace(0, 7, 5)[1:-1]
     assert np.abs(png[:108, :width].astype(int) - truth.astype(int)).max() == 0
     assert (png[:108, width + 4:width + 4 + 24] == 0).all()  # the 4:3 input sits on black in the 16:9 panel
+    record = json.loads((tmp_path / "kivy_city_4x3.json").read_text())
+    assert record["preview"] == str(tmp_path / "kivy_city_4x3_preview.png")
     capsys.readouterr()
     assert sample.main([*args, "--ratio", "16:9,9:16", "--truth", str(CLIP_TRUTH)]) == 2
     assert "--truth" in capsys.readouterr().err

@@ -413,6 +413,25 @@ def test_max_minutes_stops_with_a_checkpoint_and_resume_goes_on(tmp_path, small_
     assert losses(out)[-1] is not None and len(losses(out)) == 3
 
 
+def test_cosine_lr_decay_falls_to_zero_at_max_steps_and_resume_keeps_them(tmp_path, small_videos, vae_file, capsys,
+                                                                           one_thread):
+    assert [T.lr_factor(s, 2, "none", 6) for s in range(6)] == [0.5, 1, 1, 1, 1, 1]
+    expected = [0.5, 1.0, 1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5, 0.5 * (1 + math.cos(3 * math.pi / 4))]
+    assert [T.lr_factor(s, 2, "cosine", 6) for s in range(6)] == pytest.approx(expected, abs=1e-12)
+    assert T.lr_factor(6, 2, "cosine", 6) == 0.0
+    data = data_dir(tmp_path, small_videos, ["bikes8.mp4"])
+    out = tmp_path / "out"
+    common = ["--data", data, "--out", out, "--vae", vae_file, *TINY, "--lr", "1e-3", "--warmup-steps", "2",
+              "--lr-decay", "cosine", "--save-every", "3"]
+    assert run_train([*common, "--max-steps", "6", "--max-minutes", "0.0001"]) == 0   # stops after step 1
+    assert run_train([*common, "--max-steps", "6", "--resume", out]) == 0
+    lrs = [r["lr"] for r in map(json.loads, open(out / "metrics.jsonl")) if "lr" in r]
+    assert lrs == pytest.approx([1e-3 * f for f in expected], rel=1e-9)   # the lr each step trained with
+    capsys.readouterr()
+    assert run_train([*common, "--max-steps", "8", "--resume", out]) == 2  # another end would bend the cosine
+    assert "--max-steps" in capsys.readouterr().err
+
+
 def test_guide_case_weights_bad_values_and_old_checkpoints(tmp_path, small_videos, vae_file, capsys, one_thread):
     common = ["--data", str(small_videos), "--vae", str(vae_file), *TINY]
     for bad in (["-1", "1", "1"], ["0", "0", "0"]):
