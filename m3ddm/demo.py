@@ -4,10 +4,12 @@ fp16 export, preview image. Run as `python -m m3ddm.demo CMD ...`.
     python -m m3ddm.demo split CACHE DATA [--extra DIR ...]
         DATA/train and DATA/val as symlinks to the clips in CACHE (and in each extra DIR, training only);
         the held-out clips go to val/.
-    python -m m3ddm.demo synth PHOTOS OUT [--frames 64] [--seed 0]
+    python -m m3ddm.demo synth PHOTOS OUT [--frames 64] [--seed 0] [--blur SIGMA]
         One synthetic camera-motion clip per still photograph in PHOTOS (smooth pan / zoom / slight
         rotation / handheld jitter, sub-pixel bilinear sampling), written as OUT/synth_NAME.mp4 (256x144,
-        25 fps). Deterministic per photo name and seed; clips already present are kept.
+        25 fps). Deterministic per photo name and seed; clips already present are kept. --blur SIGMA: the
+        photograph low-passed first (Gaussian, SIGMA output pixels at the mid zoom), as OUT/synth_blurSIGMA_NAME.mp4:
+        scenes whose large areas are smooth, as walls and skies are, which the photographs rarely show.
     python -m m3ddm.demo vae-l1 VAE VIDEOS... [--size 128] [--frames 16]
         Held-out reconstruction L1 (in [-1, 1], posterior mean) on the first frames of each video at the
         evaluation resolution (long side --size), as evaluate.py prepares them.
@@ -160,9 +162,21 @@ def render_view(photo, cx, cy, half_h, angle):
     return torch.stack(out).numpy()
 
 
-def synth_clip(path, frames, seed):
+def gaussian_blur(image, sigma):
+    """float (C, H, W) -> the same, low-passed by a separable Gaussian (reflected borders)."""
+    channels, height, width = image.shape
+    radius = max(1, min(math.ceil(3 * sigma), height - 1, width - 1))
+    taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=torch.float32) / sigma) ** 2)
+    taps = (taps / taps.sum()).expand(channels, 1, -1)
+    x = F.pad(image[None], (radius, radius, radius, radius), mode="reflect")
+    x = F.conv2d(x, taps[:, :, None, :], groups=channels)     # along the width
+    return F.conv2d(x, taps[:, :, :, None], groups=channels)[0]  # along the height
+
+
+def synth_clip(path, frames, seed, blur=0.0, name=None):
     """(motion name, uint8 (F, SYNTH_H, SYNTH_W, 3)) for one photo; deterministic per (name, seed)."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(Path(path).name.encode()))
+    name = name or Path(path).name
+    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
     photo = load_photo(path)
     # prefilter: scale the photo so that a mid-zoom view samples about 1.1 photo pixels per output pixel
     _, height, width = photo.shape
@@ -171,11 +185,14 @@ def synth_clip(path, frames, seed):
     if scale < 1.0:
         size = (max(2, round(height * scale)), max(2, round(width * scale)))
         photo = F.interpolate(photo[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+    if blur:
+        fit = min(photo.shape[1], photo.shape[2] * SYNTH_H / SYNTH_W)
+        photo = gaussian_blur(photo, blur * 1.2 * fit / SYNTH_H)  # a mid-zoom view is 1.2 fit photo pixels high
     motion, path_ = draw_trajectory(photo.shape[1], photo.shape[2], frames, g)
     return motion, render_view(photo, *path_)
 
 
-def synth(folder, out, frames=64, seed=0):
+def synth(folder, out, frames=64, seed=0, blur=0.0):
     from .video import VideoWriter
     photos = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in PHOTO_EXTENSIONS)
     if not photos:
@@ -184,10 +201,10 @@ def synth(folder, out, frames=64, seed=0):
     out.mkdir(parents=True, exist_ok=True)
     made = 0
     for i, photo in enumerate(photos):
-        target = out / f"synth_{photo.stem}.mp4"
+        target = out / f"synth_{f'blur{blur:g}_' if blur else ''}{photo.stem}.mp4"
         if target.exists():
             continue
-        motion, clip = synth_clip(photo, frames, seed)
+        motion, clip = synth_clip(photo, frames, seed, blur, target.name if blur else None)
         with VideoWriter(target, SYNTH_W, SYNTH_H, SYNTH_FPS) as writer:
             writer.write(clip)
         made += 1
@@ -399,7 +416,8 @@ def preview(truth, source, output, png, count=3, width=192, quiet=False):
 
 def check_args(a):
     """One rule per numeric option of the subcommands; bad values end in one error line (cli.run)."""
-    rules = {"frames": ("at least 1", lambda v: v >= 1), "width": ("a positive even number", lambda v: v > 0 and v % 2 == 0),
+    rules = {"frames": ("at least 1", lambda v: v >= 1), "blur": ("a finite number >= 0", lambda v: 0 <= v < math.inf),
+             "width": ("a positive even number", lambda v: v > 0 and v % 2 == 0),
              "size": ("a positive multiple of 8", lambda v: v > 0 and v % 8 == 0)}
     for name, (rule, ok) in rules.items():
         value = getattr(a, name, None)
@@ -429,6 +447,7 @@ def main(argv=None):
     y.add_argument("out")
     y.add_argument("--frames", type=int, default=64)
     y.add_argument("--seed", type=int, default=0)
+    y.add_argument("--blur", type=float, default=0.0, help="Gaussian sigma in output pixels (0 = sharp)")
     q = sub.add_parser("vae-l1")
     q.add_argument("vae")
     q.add_argument("videos", nargs="+")
@@ -456,7 +475,7 @@ def main(argv=None):
         if a.cmd == "split":
             split(a.cache, a.data, a.extra)
         elif a.cmd == "synth":
-            synth(a.photos, a.out, a.frames, a.seed)
+            synth(a.photos, a.out, a.frames, a.seed, a.blur)
         elif a.cmd == "vae-l1":
             print(json.dumps(vae_l1(a.vae, a.videos, a.size, a.frames)))
         elif a.cmd == "best":

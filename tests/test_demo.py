@@ -158,6 +158,27 @@ def test_synth_writes_deterministic_clips(tmp_path):
     assert demo.main(["synth", str(tmp_path / "out"), str(tmp_path / "o2")]) == 2  # no photographs: one error
 
 
+def test_synth_blur_low_passes_the_photograph(tmp_path):
+    import imageio.v3 as iio
+    flat = torch.full((3, 50, 60), 7.0)
+    assert torch.allclose(demo.gaussian_blur(flat, 2.0), flat)        # weights sum to 1, borders reflected
+    impulse = torch.zeros(1, 41, 41)
+    impulse[0, 20, 20] = 1
+    blurred = demo.gaussian_blur(impulse, 3.0)[0]
+    assert blurred.sum().item() == pytest.approx(1.0, abs=1e-5) and blurred[20, 20] == blurred.max()
+    assert blurred[20, 23].item() == pytest.approx(blurred[20, 20].item() * math.exp(-0.5), rel=1e-4)  # sigma 3
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    iio.imwrite(photos / "noise.png", np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8))
+    assert demo.main(["synth", str(photos), str(tmp_path / "out"), "--frames", "4"]) == 0
+    assert demo.main(["synth", str(photos), str(tmp_path / "out"), "--frames", "4", "--blur", "4"]) == 0
+    sharp, smooth = (np.abs(np.diff(iio.imread(tmp_path / "out" / name).astype(float), axis=2)).mean()
+                     for name in ("synth_noise.mp4", "synth_blur4_noise.mp4"))  # mean change between columns
+    assert smooth < 0.1 * sharp
+    assert demo.main(["synth", str(photos), str(tmp_path / "o2"), "--blur", "-1"]) == 2
+    assert not (tmp_path / "o2").exists()
+
+
 def test_split_links_extra_clips_into_train_only(tmp_path):
     cache, extra = tmp_path / "cache", tmp_path / "extra"
     for folder, names in ((cache, ["a.mp4", *HELD_OUT]), (extra, ["b.avi", "opencv_cup.mp4", "readme.txt"])):

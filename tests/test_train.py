@@ -260,6 +260,31 @@ def test_torchrun_two_cpu_processes(tmp_path, small_videos, vae_file):
     assert unet.config.block_out_channels == (16, 16, 16, 32)
 
 
+@pytest.mark.slow
+def test_torchrun_two_nodes_of_one_process(tmp_path, small_videos, vae_file):
+    """Two torchrun "machines" on localhost (--nnodes 2, static rendezvous): both ranks have LOCAL_RANK 0, so
+    only RANK may decide who writes; rank 1 writes nothing and both ranks train the same steps."""
+    import socket
+    data = data_dir(tmp_path, small_videos, ["city40.mp4", "cup24.mp4", "bikes8.mp4"])
+    out = tmp_path / "out"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank",
+         str(node), "--master_addr", "127.0.0.1", "--master_port", str(port), str(ROOT / "train.py"),
+         "--data", str(data), "--out", str(out), "--vae", str(vae_file), *[str(a) for a in TINY], "--frames", "4",
+         "--max-steps", "2", "--log-data", "--device", "cpu"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(tmp_path)) for node in (0, 1)]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], results[0][1][-2000:] + results[1][1][-2000:]
+    assert results[0][0].strip().splitlines() == [str(out / "unet.safetensors")] and results[1][0].strip() == ""
+    records = [json.loads(line) for line in open(out / "metrics.jsonl") if '"data"' in line]
+    assert len(records) == 2 and all(r["data"][0] != r["data"][1] for r in records)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-0000002", "metrics.jsonl", "unet.safetensors"]
+
+
 def test_vae_target_trains_and_saves_a_vae(tmp_path, small_videos, one_thread):
     data = data_dir(tmp_path, small_videos, ["city40.mp4"])
     out = tmp_path / "out"
