@@ -133,6 +133,9 @@ def run_options(a):
            "metrics.jsonl; --target unet only")
     a("--eval-steps", type=int, default=25, help="PNDM steps of that evaluation, at least 2 (default 25)")
     a("--eval-frames", type=int, default=16, help="first N frames of each evaluation video (default 16)")
+    a("--eval-guidance", type=float, nargs=2, default=(2.0, 4.0), metavar=("LOCAL", "GLOBAL"),
+      help="guidance scales of that evaluation (default 2 4, the reference's); give what the model will be "
+           "sampled with (the demo: 1 1)")
 
 
 # the least value of each whole-number option (--size: a positive multiple of 64)
@@ -164,6 +167,9 @@ def check_args(args):
                         "positive sum; give e.g. 0.30 0.35 0.35.")
     if args.crop_scale[0] <= 0 or args.crop_scale[0] > args.crop_scale[1] or args.crop_scale[1] > 1:
         raise UserError(f"--crop-scale {args.crop_scale} is not 0 < MIN <= MAX <= 1; give e.g. 0.08 1.0.")
+    if not all(math.isfinite(g) and g >= 0 for g in args.eval_guidance):
+        raise UserError(f"--eval-guidance {' '.join(map(str, args.eval_guidance))} must be two numbers >= 0; "
+                        "give e.g. 1 1 (no guidance) or 2 4 (the reference's).")
     if args.eval_videos:
         if args.target != "unet":
             raise UserError("--eval-videos evaluates an outpainting UNet; it needs --target unet.")
@@ -602,6 +608,7 @@ def run_evaluation(args, unet_file, step, device, log):
     cmd = [sys.executable, str(Path(__file__).resolve().parent / "evaluate.py"), *args.eval_videos,
            "--out", str(out), "--method", "model", "--unet", str(unet_file), "--vae", str(args.vae),
            "--size", str(args.size), "--frames", str(args.eval_frames), "--steps", str(args.eval_steps),
+           "--guidance-local", str(args.eval_guidance[0]), "--guidance-global", str(args.eval_guidance[1]),
            "--crop-ratio", "0.25", "--device", str(device), "--previews", "0"]
     log.message(f"step {step}: evaluating {unet_file} on {len(args.eval_videos)} --eval-videos input(s)")
     distributed.free_cached_memory(device)  # the subprocess needs the GPU memory this process cached

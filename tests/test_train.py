@@ -350,7 +350,8 @@ def test_eval_videos_logs_evaluate_metrics_at_each_checkpoint(tmp_path, small_vi
     evals = eval_videos_dir(tmp_path, real_videos / "pyfeat_single_face.mp4")
     out = tmp_path / "out"
     assert run_train(["--data", data, "--out", out, "--vae", vae_file, *TINY, "--frames", "4", "--max-steps", "2",
-                      "--save-every", "1", "--eval-videos", evals, "--eval-steps", "2"]) == 0
+                      "--save-every", "1", "--eval-videos", evals, "--eval-steps", "2", "--eval-guidance", "1",
+                      "1.5"]) == 0
     records = [json.loads(line) for line in open(out / "metrics.jsonl") if '"eval"' in line]
     assert [r["step"] for r in records] == [1, 2]  # after each checkpoint, the last one included
     for r in records:
@@ -358,6 +359,8 @@ def test_eval_videos_logs_evaluate_metrics_at_each_checkpoint(tmp_path, small_vi
         assert all(isinstance(v, float) and np.isfinite(v) for v in r["eval"].values()), r
     summary = json.loads((out / "eval" / "step-0000002" / "summary.json").read_text())
     assert summary["weights"]["unet"] == str(out / "checkpoint-0000002" / "unet.safetensors")
+    options = summary["model"]["options"]
+    assert (options["guidance_local"], options["guidance_global"], options["steps"]) == (1.0, 1.5, 2)
     assert (out / "eval" / "step-0000001" / "summary.json").is_file()
 
 
@@ -424,6 +427,16 @@ def test_cli_bad_value(tmp_path, small_videos, vae_file, capsys, option, value):
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith(f"error: {option}"), err
     assert not out.exists()  # --out is never created for a run that cannot start
+
+
+@pytest.mark.parametrize("values", [("1", "-1"), ("nan", "1")])
+def test_cli_bad_eval_guidance(tmp_path, small_videos, vae_file, capsys, values):
+    out = tmp_path / "o"
+    assert T.main(["--data", str(small_videos), "--out", str(out), "--vae", str(vae_file), *TINY,
+                   "--eval-guidance", *values]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: --eval-guidance"), err
+    assert not out.exists()
 
 
 def test_max_minutes_stops_with_a_checkpoint_and_resume_goes_on(tmp_path, small_videos, vae_file, capsys, one_thread):
