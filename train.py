@@ -143,12 +143,12 @@ AT_LEAST = {"max_steps": 1, "batch_size": 1, "grad_accum": 1, "frames": 2, "glob
             "vae_batch": 1, "num_workers": 0, "decode_short_side": 0, "warmup_steps": 0, "log_every": 1,
             "save_every": 0, "keep_checkpoints": 0, "val_every": 0, "val_clips": 1, "sample_every": 0,
             "sample_steps": 2, "eval_steps": 2, "eval_frames": 2}
-# the rule of each real-valued option, which must also be finite
+# the rule of each real-valued option (each of its values, for --eval-guidance), which must also be finite
 RULES = {"lr": ("> 0", lambda v: v > 0), "weight_decay": (">= 0", lambda v: v >= 0),
          "ema": ("in [0, 1)", lambda v: 0 <= v < 1), "grad_clip": (">= 0", lambda v: v >= 0),
          "kl_weight": (">= 0", lambda v: v >= 0), "p_uncond_local": ("in [0, 1]", lambda v: 0 <= v <= 1),
          "p_uncond_global": ("in [0, 1]", lambda v: 0 <= v <= 1), "max_minutes": (">= 0", lambda v: v >= 0),
-         "temporal_weight": (">= 0", lambda v: v >= 0)}
+         "temporal_weight": (">= 0", lambda v: v >= 0), "eval_guidance": (">= 0", lambda v: v >= 0)}
 
 
 def check_args(args):
@@ -160,16 +160,16 @@ def check_args(args):
         raise UserError(f"--size {args.size} is not a positive multiple of 64; give e.g. 64, 128 or 256.")
     for name, (rule, ok) in RULES.items():
         value = getattr(args, name)
-        if value is not None and not (math.isfinite(value) and ok(value)):
-            raise UserError(f"--{name.replace('_', '-')} {value} is invalid; give a number {rule}.")
+        values = value if isinstance(value, (list, tuple)) else [value]   # nargs options: every value
+        if value is not None and not all(math.isfinite(v) and ok(v) for v in values):
+            shown = " ".join(map(str, values))
+            raise UserError(f"--{name.replace('_', '-')} {shown} is invalid; give "
+                            f"{'numbers' if len(values) > 1 else 'a number'} {rule}.")
     if min(args.guide_case_weights) < 0 or sum(args.guide_case_weights) <= 0:
         raise UserError(f"--guide-case-weights {' '.join(map(str, args.guide_case_weights))} must be >= 0 with a "
                         "positive sum; give e.g. 0.30 0.35 0.35.")
     if args.crop_scale[0] <= 0 or args.crop_scale[0] > args.crop_scale[1] or args.crop_scale[1] > 1:
         raise UserError(f"--crop-scale {args.crop_scale} is not 0 < MIN <= MAX <= 1; give e.g. 0.08 1.0.")
-    if not all(math.isfinite(g) and g >= 0 for g in args.eval_guidance):
-        raise UserError(f"--eval-guidance {' '.join(map(str, args.eval_guidance))} must be two numbers >= 0; "
-                        "give e.g. 1 1 (no guidance) or 2 4 (the reference's).")
     if args.eval_videos:
         if args.target != "unet":
             raise UserError("--eval-videos evaluates an outpainting UNet; it needs --target unet.")
@@ -367,9 +367,10 @@ class UNetObjective:
         x, t, fps, glob, noise = self.inputs(batch)
         with autocast:
             pred = model(x, t, fps, global_latents=glob)  # (B, 4, F, h, w)
-        loss = F.mse_loss(pred.float(), noise)
+        pred = pred.float()
+        loss = F.mse_loss(pred, noise)
         if self.o.temporal_weight:  # the error's change from frame to frame: what flickers
-            error = pred.float() - noise
+            error = pred - noise
             loss = loss + self.o.temporal_weight * error.diff(dim=2).pow(2).mean()
         return loss
 

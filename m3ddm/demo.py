@@ -173,10 +173,14 @@ def gaussian_blur(image, sigma):
     return F.conv2d(x, taps[:, :, :, None], groups=channels)[0]  # along the height
 
 
-def synth_clip(path, frames, seed, blur=0.0, name=None):
-    """(motion name, uint8 (F, SYNTH_H, SYNTH_W, 3)) for one photo; deterministic per (name, seed)."""
-    name = name or Path(path).name
-    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+def synth_name(photo, blur=0.0):
+    return f"synth_{f'blur{blur:g}_' if blur else ''}{Path(photo).stem}.mp4"
+
+
+def synth_clip(path, frames, seed, blur=0.0):
+    """(motion name, uint8 (F, SYNTH_H, SYNTH_W, 3)) for one photo; deterministic per (photo name, blur, seed)."""
+    key = synth_name(path, blur) if blur else Path(path).name  # sharp clips keep their seeds from before --blur
+    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
     photo = load_photo(path)
     # prefilter: scale the photo so that a mid-zoom view samples about 1.1 photo pixels per output pixel
     _, height, width = photo.shape
@@ -201,10 +205,10 @@ def synth(folder, out, frames=64, seed=0, blur=0.0):
     out.mkdir(parents=True, exist_ok=True)
     made = 0
     for i, photo in enumerate(photos):
-        target = out / f"synth_{f'blur{blur:g}_' if blur else ''}{photo.stem}.mp4"
+        target = out / synth_name(photo, blur)
         if target.exists():
             continue
-        motion, clip = synth_clip(photo, frames, seed, blur, target.name if blur else None)
+        motion, clip = synth_clip(photo, frames, seed, blur)
         with VideoWriter(target, SYNTH_W, SYNTH_H, SYNTH_FPS) as writer:
             writer.write(clip)
         made += 1
