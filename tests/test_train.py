@@ -320,15 +320,12 @@ def test_freeze_encoder_trains_the_decoder_only_and_keeps_the_rescale(tmp_path, 
     assert len(losses(out)) == 3
 
 
-@pytest.mark.parametrize("extra,message", [(["--freeze-encoder"], "--freeze-encoder"),
-                                           (["--freeze-encoder", "--target", "unet", "--config", "tiny"],
-                                            "--freeze-encoder")])
-def test_freeze_encoder_needs_a_vae_to_start_from(tmp_path, small_videos, vae_file, capsys, extra, message):
-    argv = ["--data", str(small_videos), "--out", str(tmp_path / "o"), "--vae", str(vae_file), *extra]
-    if "--target" not in extra:
-        argv += ["--target", "vae"]
+@pytest.mark.parametrize("target", [["--target", "vae"], ["--target", "unet", "--config", "tiny"]])
+def test_freeze_encoder_needs_a_vae_to_start_from(tmp_path, small_videos, vae_file, capsys, target):
+    argv = ["--data", str(small_videos), "--out", str(tmp_path / "o"), "--vae", str(vae_file), "--freeze-encoder",
+            *target]
     assert T.main(argv) == 2
-    assert capsys.readouterr().err.startswith(f"error: {message}")
+    assert capsys.readouterr().err.startswith("error: --freeze-encoder")
     assert not (tmp_path / "o").exists()
 
 
@@ -416,27 +413,18 @@ BAD_VALUES = [("--log-every", "0"), ("--device", "foo"), ("--lr", "-1"), ("--lr"
               ("--kl-weight", "-1"), ("--eval-steps", "1"), ("--size", "0"), ("--size", "-64"), ("--size", "96"),
               ("--frames", "1"), ("--global-frames", "-1"), ("--num-workers", "-1"), ("--vae-batch", "0"),
               ("--p-uncond-local", "1.5"), ("--temporal-weight", "-1"), ("--p-uncond-global", "-0.1"), ("--val-data", "/nonexistent/val"),
-              ("--vae", "/nonexistent/vae.safetensors"), ("--config", "nope"), ("--resume", "/nonexistent/run")]
+              ("--vae", "/nonexistent/vae.safetensors"), ("--config", "nope"), ("--resume", "/nonexistent/run"),
+              ("--eval-guidance", "1 -1"), ("--eval-guidance", "nan 1")]   # a value with a space: several words
 
 
 @pytest.mark.parametrize("option,value", BAD_VALUES)
 def test_cli_bad_value(tmp_path, small_videos, vae_file, capsys, option, value):
     out = tmp_path / "o"
-    argv = ["--data", str(small_videos), "--out", str(out), "--vae", str(vae_file), *TINY, option, value]
+    argv = ["--data", str(small_videos), "--out", str(out), "--vae", str(vae_file), *TINY, option, *value.split()]
     assert T.main(argv) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith(f"error: {option}"), err
     assert not out.exists()  # --out is never created for a run that cannot start
-
-
-@pytest.mark.parametrize("values", [("1", "-1"), ("nan", "1")])
-def test_cli_bad_eval_guidance(tmp_path, small_videos, vae_file, capsys, values):
-    out = tmp_path / "o"
-    assert T.main(["--data", str(small_videos), "--out", str(out), "--vae", str(vae_file), *TINY,
-                   "--eval-guidance", *values]) == 2
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(err) == 1 and err[0].startswith("error: --eval-guidance"), err
-    assert not out.exists()
 
 
 def test_max_minutes_stops_with_a_checkpoint_and_resume_goes_on(tmp_path, small_videos, vae_file, capsys, one_thread):
