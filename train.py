@@ -599,12 +599,13 @@ def trainer_state(opt, args, world, skipped):
             "skipped": sorted(skipped)}
 
 
-EVAL_METRICS = ("psnr", "psnr_band", "ssim", "ssim_band")
+EVAL_METRICS = ("psnr", "psnr_band", "ssim", "ssim_band", "flicker_band")
 
 
 def run_evaluation(args, unet_file, step, device, log):
     """evaluate.py on --eval-videos with this checkpoint (a subprocess: no CLI module is imported here).
-    Returns the whole-frame and band PSNR/SSIM averaged over crop ratios, or None after one warning line."""
+    Returns the whole-frame and band PSNR/SSIM and the band flicker averaged over crop ratios, or None after one
+    warning line."""
     out = Path(args.out) / "eval" / f"step-{step:07d}"
     cmd = [sys.executable, str(Path(__file__).resolve().parent / "evaluate.py"), *args.eval_videos,
            "--out", str(out), "--method", "model", "--unet", str(unet_file), "--vae", str(args.vae),

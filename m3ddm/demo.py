@@ -338,16 +338,36 @@ def best_checkpoint(run, metric="psnr_band"):
     return path, record
 
 
+def eval_sampler(run, step):
+    """'pndm 20 steps, guidance 1.0 / 1.0': how train.py's evaluation of checkpoint `step` sampled (evaluate.py's
+    summary.json), or 'sampler not recorded' when that evaluation's folder is gone."""
+    path = Path(run) / "eval" / f"step-{step:07d}" / "summary.json"
+    if not path.is_file():
+        return "sampler not recorded"
+    o = json.loads(path.read_text())["model"]["options"]
+    return f"{o['scheduler']} {o['steps']} steps, guidance {o['guidance_local']} / {o['guidance_global']}"
+
+
 def photo_list(sums_file):
     """[{name, sha256}] of the photographs behind the synthetic clips, from tests/demo_data.sha256."""
     rows = [line.split() for line in Path(sums_file).read_text().splitlines() if line.strip()]
     return [{"name": name, "sha256": digest} for digest, name in rows if name.startswith("photos/")]
 
 
-def training_metadata(run, command, data, wall_s, sums_file):
+def training_clips(data, extra_train):
+    """data/train's clips, then those of each --extra-train folder not already listed by name (it may link them)."""
+    clips = data_list(data, "train")
+    for folder in extra_train:
+        names = {c["name"] for c in clips}
+        clips += [c for c in data_list(folder, ".") if c["name"] not in names]
+    return clips
+
+
+def training_metadata(run, command, data, wall_s, sums_file, extra_train=()):
     step, loss, val = final_losses(run)
     return {"demo": "m3ddm demo model: a small model trained on a 2-core CPU, not the official M3DDM+",
-            "training_command": command, "data": data_list(data, "train"), "held_out": data_list(data, "val"),
+            "training_command": command, "data": training_clips(data, extra_train),
+            "held_out": data_list(data, "val"),
             "photos": photo_list(sums_file) if sums_file else [],
             "steps": str(step), "final_loss": f"{loss:.4f}", "final_val_loss": "" if val is None else f"{val:.4f}",
             "demo_weights_wall_s": str(int(wall_s)), "trained_by": "m3ddm train.py (make demo-weights)"}
@@ -360,7 +380,8 @@ def export(a):
     held_out = [p for p in sorted((Path(a.data) / "val").iterdir()) if p.suffix.lower() in VIDEO_EXTENSIONS]
     vae_extra = {"held_out_l1": json.dumps({k: round(v, 4) for k, v in vae_l1(a.vae, held_out).items()})}
     unet_extra = {"selected_step": str(best["step"]), "selected_weights": best.get("eval_weights", ""),
-                  "selected_by": "highest held-out band PSNR (train.py --eval-videos, crop 0.25) of all checkpoints",
+                  "selected_by": "highest held-out band PSNR (train.py --eval-videos, crop 0.25, "
+                                 f"{eval_sampler(a.unet_run, best['step'])}) of all checkpoints",
                   "selected_eval": json.dumps({k: round(v, 4) for k, v in best["eval"].items()})}
     for kind, path, run, command, extra in (("vae", a.vae, a.vae_run, a.vae_command, vae_extra),
                                             ("unet", unet_file, a.unet_run, a.unet_command, unet_extra)):
@@ -369,8 +390,8 @@ def export(a):
         extra = {**extra, **{k: meta[k] for k in ("latent_rescale", "ema_decay") if k in meta}}
         out = assets / f"demo_{kind}.safetensors"
         digest = save_model(out, model.state_dict(), kind, model.config, dtype=torch.float16,
-                            metadata={**training_metadata(run, command, a.data, float(a.wall_s), a.data_sums),
-                                      **extra})
+                            metadata={**training_metadata(run, command, a.data, float(a.wall_s), a.data_sums,
+                                                          a.extra_train if kind == "unet" else ()), **extra})
         step, loss, val = final_losses(run)
         print(f"{out}: {out.stat().st_size / 1e6:.2f} MB, sha256 {digest[:12]}, from {path}, trained {step} steps, "
               f"final loss {loss:.4f}, val {val}, {extra.get('held_out_l1') or extra.get('selected_eval')}")
@@ -465,6 +486,7 @@ def main(argv=None):
     for name in ("vae", "vae-run", "unet-run", "data", "assets", "vae-command", "unet-command", "wall-s"):
         e.add_argument(f"--{name}", required=True)
     e.add_argument("--data-sums", help="tests/demo_data.sha256: the photographs' names and sha256")
+    e.add_argument("--extra-train", nargs="*", default=[], help="folders of clips the UNet also trained on")
     b = sub.add_parser("best", help="print the weights file of a run's best evaluated checkpoint")
     b.add_argument("run")
     v = sub.add_parser("preview")

@@ -1,4 +1,5 @@
 """The embedded demo model (m3ddm/assets): committed weights, their metadata, the bundled clips, a sampling smoke run."""
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -68,6 +69,8 @@ def test_demo_weights_metadata(path, kind):
     if kind == "unet":   # the best evaluated checkpoint, v-prediction (README "Demo model")
         assert config["prediction_type"] == "v_prediction" and int(meta["selected_step"]) > 0
         assert json.loads(meta["selected_eval"])["psnr_band"] > 0
+        assert "guidance 1.0 / 1.0" in meta["selected_by"]  # scored as make sample samples
+        assert any(d["name"].startswith("synth_blur") for d in data)  # step 7's smooth scenes are listed
     else:
         assert json.loads(meta["held_out_l1"])["mean"] > 0
 
@@ -218,6 +221,27 @@ def test_best_checkpoint_takes_the_highest_logged_band_psnr_on_disk(tmp_path):
     (run / "metrics.jsonl").write_text(json.dumps(records[0]) + "\n")
     with pytest.raises(demo.UserError, match="no evaluated checkpoint"):
         demo.best_checkpoint(run)
+
+
+def test_training_clips_adds_extra_folders_once_by_name(tmp_path):
+    for sub, name, body in (("data/train", "a.mp4", b"a"), ("data/val", "held.mp4", b"h"), ("smooth", "b.mp4", b"b")):
+        (tmp_path / sub).mkdir(parents=True, exist_ok=True)
+        (tmp_path / sub / name).write_bytes(body)
+    (tmp_path / "smooth" / "a.mp4").symlink_to(tmp_path / "data/train/a.mp4")
+    (tmp_path / "smooth" / "notes.txt").write_text("not a clip")
+    clips = demo.training_clips(tmp_path / "data", [tmp_path / "smooth"])
+    assert [c["name"] for c in clips] == ["a.mp4", "b.mp4"]
+    assert clips[1]["sha256"] == hashlib.sha256(b"b").hexdigest()
+    assert demo.training_clips(tmp_path / "data", []) == clips[:1]
+
+
+def test_eval_sampler_reads_how_the_evaluation_sampled(tmp_path):
+    summary = tmp_path / "run" / "eval" / "step-0000500" / "summary.json"
+    summary.parent.mkdir(parents=True)
+    options = {"scheduler": "pndm", "steps": 20, "guidance_local": 1.0, "guidance_global": 3.5}
+    summary.write_text(json.dumps({"model": {"options": options}}))
+    assert demo.eval_sampler(tmp_path / "run", 500) == "pndm 20 steps, guidance 1.0 / 3.5"
+    assert demo.eval_sampler(tmp_path / "run", 250) == "sampler not recorded"
 
 
 def test_sample_truth_draws_truth_input_output_preview(tmp_path, capsys, monkeypatch):

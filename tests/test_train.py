@@ -352,7 +352,7 @@ def test_eval_videos_logs_evaluate_metrics_at_each_checkpoint(tmp_path, small_vi
     records = [json.loads(line) for line in open(out / "metrics.jsonl") if '"eval"' in line]
     assert [r["step"] for r in records] == [1, 2]  # after each checkpoint, the last one included
     for r in records:
-        assert sorted(r["eval"]) == ["psnr", "psnr_band", "ssim", "ssim_band"]
+        assert sorted(r["eval"]) == ["flicker_band", "psnr", "psnr_band", "ssim", "ssim_band"]
         assert all(isinstance(v, float) and np.isfinite(v) for v in r["eval"].values()), r
     summary = json.loads((out / "eval" / "step-0000002" / "summary.json").read_text())
     assert summary["weights"]["unet"] == str(out / "checkpoint-0000002" / "unet.safetensors")
