@@ -148,9 +148,10 @@ DEMO_TEMPORAL2_STEPS ?= 800
 DEMO_TEMPORAL2_ARGS = $(subst demo best $(DEMO)/unet_v2,demo best $(DEMO)/unet_t,$(subst --out $(DEMO)/unet_t ,--out \
 	$(DEMO)/unet_t2 ,$(subst --seed 3,--seed 4,$(subst --max-steps $(DEMO_TEMPORAL_STEPS) --temporal-weight 1,\
 	--max-steps $(DEMO_TEMPORAL2_STEPS) --temporal-weight 4,$(DEMO_TEMPORAL_ARGS)))))
-# then the same data plus the photographs low-passed (`demo synth --blur 4`, in data_smooth/ beside links to data/train):
-# on the plain wall of a held-out clip the model painted textures of its photographs, which rarely have smooth areas;
-# its checkpoints are scored at the guidance the demo ships with (1 / 1): at 2 / 4 the scores fall with training
+# then the same data plus the photographs low-passed (`demo synth --blur 4`, in data_smooth/ beside links to
+# data/train): on the plain wall of a held-out clip the model painted textures of its photographs, which rarely
+# have smooth areas; its checkpoints are scored at the guidance the demo ships with (1 / 1): at 2 / 4 the scores
+# fall with training
 DEMO_SMOOTH_STEPS ?= 1600
 DEMO_SMOOTH_ARGS = $(subst --data $(DEMO)/data ,--data $(DEMO)/data_smooth ,$(subst demo best $(DEMO)/unet_t,demo \
 	best $(DEMO)/unet_t2,$(subst --out $(DEMO)/unet_t2 ,--out $(DEMO)/unet_s ,$(subst --seed 4,--seed 6,$(subst \
@@ -158,9 +159,9 @@ DEMO_SMOOTH_ARGS = $(subst --data $(DEMO)/data ,--data $(DEMO)/data_smooth ,$(su
 # then the photographs low-passed more (`demo synth --blur 8`, in data_smooth8/ beside links to data_smooth/train),
 # from that run's best checkpoint: the white wall of a held-out clip was still the border that flickered most
 DEMO_SMOOTH8_STEPS ?= 1000
-DEMO_SMOOTH8_ARGS = $(subst --data $(DEMO)/data_smooth ,--data $(DEMO)/data_smooth8 ,$(subst demo best $(DEMO)/unet_t2,demo \
-	best $(DEMO)/unet_s,$(subst --out $(DEMO)/unet_s ,--out $(DEMO)/unet_s8 ,$(subst --seed 6,--seed 7,$(subst \
-	--max-steps $(DEMO_SMOOTH_STEPS),--max-steps $(DEMO_SMOOTH8_STEPS),$(DEMO_SMOOTH_ARGS))))))
+DEMO_SMOOTH8_ARGS = $(subst --data $(DEMO)/data_smooth ,--data $(DEMO)/data_smooth8 ,$(subst demo best \
+	$(DEMO)/unet_t2,demo best $(DEMO)/unet_s,$(subst --out $(DEMO)/unet_s ,--out $(DEMO)/unet_s8 ,$(subst \
+	--seed 6,--seed 7,$(subst --max-steps $(DEMO_SMOOTH_STEPS),--max-steps $(DEMO_SMOOTH8_STEPS),$(DEMO_SMOOTH_ARGS))))))
 # libgomp's default busy-wait makes 2 threads ~30x slower when other processes share the 2 cores
 DEMO_ENV = OMP_WAIT_POLICY=PASSIVE
 # --resume DIR when DIR already holds a checkpoint of an interrupted run

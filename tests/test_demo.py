@@ -70,7 +70,7 @@ def test_demo_weights_metadata(path, kind):
         assert config["prediction_type"] == "v_prediction" and int(meta["selected_step"]) > 0
         assert json.loads(meta["selected_eval"])["psnr_band"] > 0
         assert "guidance 1.0 / 1.0" in meta["selected_by"]  # scored as make sample samples
-        assert any(d["name"].startswith("synth_blur") for d in data)  # step 7's smooth scenes are listed
+        assert any(d["name"].startswith("synth_blur") for d in data)  # steps 7-8's low-passed clips are listed
     else:
         assert json.loads(meta["held_out_l1"])["mean"] > 0
 
