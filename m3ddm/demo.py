@@ -248,9 +248,10 @@ def vae_l1(vae_file, videos, size=128, frames=16):
     return result
 
 
-def data_list(data, sub):
+def data_list(data, sub, skip=frozenset()):
+    """[{name, sha256}] of the clips in data/sub, but for the names in `skip` (not hashed)."""
     return [{"name": p.name, "sha256": sha256_file(p)} for p in sorted((Path(data) / sub).iterdir())
-            if p.suffix.lower() in VIDEO_EXTENSIONS]
+            if p.suffix.lower() in VIDEO_EXTENSIONS and p.name not in skip]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -358,8 +359,7 @@ def training_clips(data, extra_train):
     """data/train's clips, then those of each --extra-train folder not already listed by name (it may link them)."""
     clips = data_list(data, "train")
     for folder in extra_train:
-        names = {c["name"] for c in clips}
-        clips += [c for c in data_list(folder, ".") if c["name"] not in names]
+        clips += data_list(folder, ".", skip={c["name"] for c in clips})
     return clips
 
 
